@@ -1,0 +1,614 @@
+"""MXNet RecordIO, exactly: the dmlc record framing, IRHeader, `.idx` and `.lst` files.
+
+This module is the format and nothing else (no OpenCV, no DALI, nothing else of gpurec),
+so every other part reads and writes records through one small, byte-exact place.
+
+A `.rec` file is a sequence of records. Each record is framed as dmlc-core's
+``RecordIOWriter`` frames it::
+
+    uint32 magic = 0xced7230a | uint32 lrec | payload | zero padding to 4 bytes
+
+``lrec`` holds a continuation flag (cflag) in its top 3 bits and the part length in the
+low 29. dmlc-core cannot let the magic word appear at a 4-byte-aligned offset inside a
+payload (a reader resynchronising on magic words would stop there), so the writer cuts
+the payload at every such word and drops it: the first part has cflag 1, middle parts 2,
+the last part 3; the reader puts one magic word back between parts. An unsplit record
+has cflag 0.
+
+An image record's payload starts with MXNet's ``IRHeader`` (``struct 'IfQQ'``: flag,
+label, id, id2); when ``flag > 0`` the header's label is unused and ``flag`` float32
+labels follow it (multi-label records).
+
+An `.idx` file has one ``key<TAB>byte offset`` line per record; a `.lst` file has one
+``index<TAB>label[<TAB>label...]<TAB>path`` line per image.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "IR_SIZE",
+    "MAGIC",
+    "MAX_RECORD_SIZE",
+    "IRHeader",
+    "ListEntry",
+    "RecordIOError",
+    "RecordReader",
+    "RecordWriter",
+    "format_lst_line",
+    "idx_path_for",
+    "pack",
+    "read_idx",
+    "read_lst",
+    "rebuild_idx",
+    "scan_offsets",
+    "unpack",
+    "write_idx",
+    "write_lst",
+]
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+MAX_RECORD_SIZE = (1 << 29) - 1
+"""The largest payload dmlc-core can frame: the length field has 29 bits."""
+
+_FRAME = struct.Struct("<II")
+_LEN_MASK = (1 << 29) - 1
+_IR = struct.Struct("<IfQQ")
+IR_SIZE = _IR.size  # 24 bytes, as MXNet's struct.calcsize('IfQQ')
+
+PathLike = str | os.PathLike
+
+
+class RecordIOError(Exception):
+    """Anything wrong with a `.rec`, `.idx` or `.lst` file.
+
+    The message always names the file and where in it: the byte offset for records,
+    the line number for text files.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: PathLike | None = None,
+        *,
+        offset: int | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.reason = message
+        self.path = None if path is None else str(path)
+        self.offset = offset
+        self.line = line
+        where = self.path or "<bytes>"
+        if line is not None:
+            where = f"{where}:{line}"
+        if offset is not None:
+            where = f"{where}: at byte {offset}"
+        super().__init__(f"{where}: {message}")
+
+
+# --------------------------------------------------------------------------- IRHeader
+
+
+class IRHeader(NamedTuple):
+    """MXNet's image record header. ``label`` is a float, or an array when ``flag > 0``."""
+
+    flag: int
+    label: float | np.ndarray
+    id: int
+    id2: int
+
+
+def pack(header: IRHeader | Sequence, payload: bytes) -> bytes:
+    """Prefix ``payload`` with ``header`` exactly as ``mxnet.recordio.pack`` does.
+
+    A scalar label is stored in the header (flag 0). A sequence or array label, even of
+    length one, is stored as ``len(label)`` float32 values after the header, with the
+    header's flag set to that count and its label field 0.
+    """
+    _, label, rid, rid2 = header
+    if isinstance(label, (int, float, np.integer, np.floating)):
+        return _IR.pack(0, float(label), rid, rid2) + bytes(payload)
+    labels = np.asarray(label, dtype=np.float32).ravel()
+    return _IR.pack(labels.size, 0.0, rid, rid2) + labels.tobytes() + bytes(payload)
+
+
+def unpack(record: bytes | memoryview) -> tuple[IRHeader, bytes]:
+    """Split a record into its ``IRHeader`` and the payload after the header and labels.
+
+    Like ``mxnet.recordio.unpack``, a header with ``flag > 0`` gets its ``label``
+    replaced by the ``flag`` float32 labels that follow it.
+    """
+    if len(record) < IR_SIZE:
+        raise RecordIOError(
+            f"record of {len(record)} bytes is shorter than the {IR_SIZE}-byte IRHeader"
+        )
+    flag, label, rid, rid2 = _IR.unpack_from(record, 0)
+    if flag == 0:
+        return IRHeader(0, label, rid, rid2), bytes(record[IR_SIZE:])
+    end = IR_SIZE + 4 * flag
+    if end > len(record):
+        raise RecordIOError(
+            f"IRHeader announces {flag} labels but the record has only "
+            f"{len(record) - IR_SIZE} bytes after the header"
+        )
+    labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_SIZE).copy()
+    return IRHeader(flag, labels, rid, rid2), bytes(record[end:])
+
+
+# ------------------------------------------------------------------------ record frames
+
+
+def _frame(payload: bytes | memoryview) -> list[bytes | memoryview]:
+    """The bytes dmlc-core's ``RecordIOWriter::WriteRecord`` writes for one payload."""
+    size = memoryview(payload).nbytes
+    if size > MAX_RECORD_SIZE:
+        raise RecordIOError(
+            f"a record of {size} bytes is too large: RecordIO holds at most "
+            f"{MAX_RECORD_SIZE} bytes (2^29 - 1) per record"
+        )
+    data = bytes(payload)
+    view = memoryview(data)
+    out: list[bytes | memoryview] = []
+    start = 0
+    pos = data.find(MAGIC_BYTES)
+    while pos >= 0:
+        # dmlc-core only looks at 4-byte-aligned offsets; an unaligned magic stays in.
+        if pos % 4 == 0:
+            out.append(_FRAME.pack(MAGIC, ((2 if start else 1) << 29) | (pos - start)))
+            out.append(view[start:pos])
+            start = pos + 4
+            pos = data.find(MAGIC_BYTES, start)
+        else:
+            pos = data.find(MAGIC_BYTES, pos + 1)
+    out.append(_FRAME.pack(MAGIC, ((3 if start else 0) << 29) | (size - start)))
+    out.append(view[start:])
+    if size % 4:
+        out.append(bytes(-size % 4))
+    return out
+
+
+class RecordWriter:
+    """Writes a `.rec` file (and optionally its `.idx`) the way MXNet's writers do.
+
+    Outputs are written under temporary names (``<name>.tmp``) and renamed to their
+    final names by :meth:`close`, so a crash or an exception inside ``with`` never
+    leaves a half-written `.rec`/`.idx` under the final name.
+    """
+
+    def __init__(self, path: PathLike, idx_path: PathLike | None = None) -> None:
+        self.path = Path(path)
+        self.idx_path = None if idx_path is None else Path(idx_path)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._idx_tmp = (
+            None if self.idx_path is None else self.idx_path.with_name(self.idx_path.name + ".tmp")
+        )
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by close()/abort()
+        self._idx = None if self._idx_tmp is None else open(self._idx_tmp, "w")  # noqa: SIM115
+        self._offset = 0
+        self.count = 0
+
+    def tell(self) -> int:
+        """Byte offset at which the next record starts."""
+        return self._offset
+
+    def write(self, payload: bytes | memoryview, key: int | None = None) -> int:
+        """Append one record; returns its byte offset. ``key`` defaults to its position.
+
+        With an `.idx`, the line ``key<TAB>offset`` is written for it, as
+        ``MXIndexedRecordIO.write_idx`` does.
+        """
+        offset = self._offset
+        try:
+            parts = _frame(payload)
+        except RecordIOError as exc:
+            raise RecordIOError(exc.reason, self.path, offset=offset) from None
+        for part in parts:
+            self._file.write(part)
+            self._offset += len(part)
+        if self._idx is not None:
+            self._idx.write(f"{self.count if key is None else int(key)}\t{offset}\n")
+        self.count += 1
+        return offset
+
+    def close(self) -> None:
+        """Flush, fsync and move the outputs to their final names."""
+        if self._file.closed:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if self._idx is not None:
+            self._idx.flush()
+            os.fsync(self._idx.fileno())
+            self._idx.close()
+        os.replace(self._tmp, self.path)
+        if self._idx_tmp is not None:
+            os.replace(self._idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        """Drop everything written: the temporary files are removed, finals untouched."""
+        for handle, tmp in ((self._file, self._tmp), (self._idx, self._idx_tmp)):
+            if handle is not None:
+                handle.close()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _read_frames(
+    buf, size: int, offset: int, path: PathLike | None, payload: bool = True
+) -> tuple[bytes | None, int]:
+    """Read the record starting at ``offset``: its payload and the next record's offset.
+
+    ``buf`` is any buffer (an mmap here). Every length is checked against ``size``
+    before use and every step moves forward, so garbage can neither hang nor crash.
+    With ``payload=False`` only the frames are walked (index rebuilding, counting).
+    """
+    parts: list[bytes] = []
+    pos = offset
+    while True:
+        if pos + 8 > size:
+            raise RecordIOError(
+                f"truncated record: {size - pos} bytes left, a frame header needs 8",
+                path,
+                offset=pos,
+            )
+        magic, lrec = _FRAME.unpack_from(buf, pos)
+        if magic != MAGIC:
+            where = "not at a record start" if pos == offset else "inside a split record"
+            raise RecordIOError(f"bad magic 0x{magic:08x} ({where})", path, offset=pos)
+        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        if cflag not in ((0, 1) if pos == offset else (2, 3)):
+            what = "a record start" if pos == offset else "a continuation part"
+            raise RecordIOError(f"unexpected cflag {cflag} for {what}", path, offset=pos)
+        start = pos + 8
+        end = start + ((length + 3) & ~3)
+        if end > size:
+            raise RecordIOError(
+                f"truncated record: the frame announces {length} bytes, "
+                f"{size - start} remain in the file",
+                path,
+                offset=pos,
+            )
+        if cflag == 0:
+            return (buf[start : start + length] if payload else None), end
+        if payload:
+            parts.append(buf[start : start + length])
+        pos = end
+        if cflag == 3:
+            return (MAGIC_BYTES.join(parts) if payload else None), pos
+
+
+def idx_path_for(rec_path: PathLike) -> Path:
+    """The conventional `.idx` beside a `.rec` (``train.rec`` -> ``train.idx``)."""
+    return Path(rec_path).with_suffix(".idx")
+
+
+class RecordReader:
+    """Random and sequential access to a `.rec` file through a memory map.
+
+    With an `.idx` (given, or found beside the `.rec`), ``reader[i]`` is the record of
+    the i-th `.idx` line and ``reader.read_key(key)`` the record of that key. Without
+    one, the record offsets are found by scanning the file once, on first need.
+
+    Reads never move a shared file position, so one reader can serve many threads;
+    a reader pickles as its paths and reopens in the receiving process.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        idx_path: PathLike | Literal["auto"] | None = "auto",
+    ) -> None:
+        self.path = Path(path)
+        if idx_path == "auto":
+            found = idx_path_for(self.path)
+            idx_path = found if found.exists() and found != self.path else None
+        self.idx_path = None if idx_path is None else Path(idx_path)
+        self._open()
+
+    def _open(self) -> None:
+        with open(self.path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        self._lock = threading.Lock()
+        self._keys: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
+        self._key_pos: dict[int, int] | None = None
+        if self.idx_path is not None:
+            keys, offsets = read_idx(self.idx_path)
+            self._check_offsets(offsets)
+            self._keys, self._offsets = keys, offsets
+
+    def _check_offsets(self, offsets: np.ndarray) -> None:
+        """Every `.idx` offset must point at a record start of this `.rec` (vectorised)."""
+        if not len(offsets):
+            return
+        bad = (offsets < 0) | (offsets % 4 != 0) | (offsets + 8 > self.size)
+        if not bad.any():
+            words = np.frombuffer(self._mm, dtype="<u4", count=self.size // 4)
+            w = offsets // 4
+            bad = (words[w] != MAGIC) | ((words[w + 1] >> 29) > 1)
+            del words  # release the buffer export so the map can close
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            off = int(offsets[i])
+            reason = (
+                f"past the end of the {self.size}-byte file"
+                if off + 8 > self.size or off < 0
+                else "not at a record start"
+            )
+            raise RecordIOError(
+                f".idx line {i + 1} (offset {off}) points {reason} of {self.path}",
+                self.idx_path,
+                offset=off,
+            )
+
+    # -- offsets and keys
+    @property
+    def offsets(self) -> np.ndarray:
+        """Byte offset of every record, in `.idx` order (file order without one)."""
+        if self._offsets is None:
+            with self._lock:
+                if self._offsets is None:
+                    offs = np.fromiter(scan_offsets(self), dtype=np.int64)
+                    self._keys = np.arange(len(offs), dtype=np.int64)
+                    self._offsets = offs
+        return self._offsets
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The `.idx` keys (positions 0..n-1 without an `.idx`)."""
+        self.offsets  # noqa: B018 - builds keys with the offsets
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    # -- access
+    def read_at(self, offset: int) -> tuple[bytes, int]:
+        """The record at byte ``offset`` and the offset of the record after it."""
+        payload, nxt = _read_frames(self._mm, self.size, int(offset), self.path)
+        return bytes(payload), nxt
+
+    def __getitem__(self, i: int) -> bytes:
+        offsets = self.offsets
+        n = len(offsets)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range: {self.path} has {n} records")
+        return self.read_at(int(offsets[i]))[0]
+
+    def read_key(self, key: int) -> bytes:
+        """The record whose `.idx` key is ``key``."""
+        if self._key_pos is None:
+            keys = self.keys
+            self._key_pos = {int(k): i for i, k in enumerate(keys.tolist())}
+        try:
+            return self[self._key_pos[int(key)]]
+        except KeyError:
+            raise KeyError(f"no record with key {key} in {self.idx_path or self.path}") from None
+
+    def unpack(self, i: int) -> tuple[IRHeader, bytes]:
+        """Record ``i`` split into its IRHeader and payload; errors name file and offset."""
+        record = self[i]
+        try:
+            return unpack(record)
+        except RecordIOError as exc:
+            raise RecordIOError(exc.reason, self.path, offset=int(self.offsets[i])) from None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for off in self.offsets.tolist():
+            yield self.read_at(off)[0]
+
+    def scan(self, payloads: bool = True) -> Iterator[tuple[int, bytes | None]]:
+        """Every record in file order with its offset, ignoring any `.idx`.
+
+        ``payloads=False`` walks the frames only and yields ``None`` payloads.
+        """
+        pos = 0
+        while pos < self.size:
+            record, nxt = _read_frames(self._mm, self.size, pos, self.path, payloads)
+            yield pos, record
+            pos = nxt
+
+    # -- lifetime
+    def close(self) -> None:
+        if isinstance(self._mm, mmap.mmap):
+            self._mm.close()
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "idx_path": self.idx_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self.idx_path = state["path"], state["idx_path"]
+        self._open()
+
+    def __repr__(self) -> str:
+        idx = None if self.idx_path is None else str(self.idx_path)
+        return f"RecordReader({str(self.path)!r}, idx_path={idx!r})"
+
+
+def scan_offsets(reader: RecordReader | PathLike) -> Iterator[int]:
+    """The offset of every record of a `.rec`, found by walking its frames."""
+    if isinstance(reader, RecordReader):
+        yield from (offset for offset, _ in reader.scan(payloads=False))
+        return
+    with RecordReader(reader, idx_path=None) as own:
+        yield from (offset for offset, _ in own.scan(payloads=False))
+
+
+# --------------------------------------------------------------------------------- .idx
+
+
+def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and offsets of an `.idx` file as two int64 arrays, in file order.
+
+    Parsed in bulk (one split, one conversion), so a million-line index loads in a
+    fraction of a second; only when that fails is it read line by line, to name the
+    malformed line.
+    """
+    data = Path(path).read_bytes()
+    rows = sum(1 for line in data.splitlines() if line.strip())
+    fields = data.split()
+    if len(fields) == 2 * rows and data.count(b"\t") == rows:
+        try:
+            table = np.array(fields, dtype=np.int64).reshape(-1, 2)
+            return table[:, 0].copy(), table[:, 1].copy()
+        except ValueError:
+            pass
+    for no, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(b"\t")
+        if len(parts) != 2:
+            raise RecordIOError(f"expected 'key<TAB>offset', got {line[:80]!r}", path, line=no)
+        for what, value in zip(("key", "offset"), parts, strict=True):
+            try:
+                int(value)
+            except ValueError:
+                raise RecordIOError(
+                    f"{what} {value.strip()[:40]!r} is not an integer", path, line=no
+                ) from None
+    raise RecordIOError("malformed .idx", path)  # pragma: no cover - a line fails above
+
+
+def write_idx(path: PathLike, keys: Iterable[int], offsets: Iterable[int]) -> None:
+    """Write an `.idx` (``key<TAB>offset`` lines), atomically."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets, strict=True))
+    os.replace(tmp, path)
+
+
+def rebuild_idx(
+    rec_path: PathLike,
+    idx_path: PathLike | None = None,
+    *,
+    keys: Literal["id", "position"] = "id",
+) -> Path:
+    """Recreate the `.idx` of a `.rec` by scanning it; returns the `.idx` path.
+
+    ``keys="id"`` keys each record by its IRHeader id, which is what im2rec and
+    ``MXIndexedRecordIO`` users write; ``"position"`` numbers records 0..n-1.
+    """
+    rec_path = Path(rec_path)
+    idx_path = idx_path_for(rec_path) if idx_path is None else Path(idx_path)
+    key_list: list[int] = []
+    offsets: list[int] = []
+    with RecordReader(rec_path, idx_path=None) as reader:
+        for offset, record in reader.scan():
+            if keys == "id":
+                if len(record) < IR_SIZE:
+                    raise RecordIOError(
+                        "record has no IRHeader to take an id from (use keys='position')",
+                        rec_path,
+                        offset=offset,
+                    )
+                key_list.append(_IR.unpack_from(record, 0)[2])
+            else:
+                key_list.append(len(offsets))
+            offsets.append(offset)
+    write_idx(idx_path, key_list, offsets)
+    return idx_path
+
+
+# --------------------------------------------------------------------------------- .lst
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One `.lst` line: the record index, its label(s) and the image path (relative)."""
+
+    index: int
+    labels: tuple[float, ...]
+    path: str
+
+
+def read_lst(path: PathLike) -> Iterator[ListEntry]:
+    """Yield the entries of a `.lst` file lazily (lists can hold millions of lines).
+
+    Accepts labels written as ``3`` or ``3.000000``, CRLF line ends, a last line
+    without newline, and blank lines; anything else malformed raises naming the line.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        for no, raw in enumerate(f, 1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 3:
+                raise RecordIOError(
+                    f"expected 'index<TAB>label[<TAB>label...]<TAB>path', "
+                    f"got {len(parts)} field(s): {line[:80]!r}",
+                    path,
+                    line=no,
+                )
+            try:
+                index = int(parts[0])
+            except ValueError:
+                raise RecordIOError(
+                    f"index {parts[0][:40]!r} is not an integer", path, line=no
+                ) from None
+            try:
+                labels = tuple(float(x) for x in parts[1:-1])
+            except ValueError:
+                raise RecordIOError(
+                    f"non-numeric label in {parts[1:-1]!r}", path, line=no
+                ) from None
+            if not parts[-1]:
+                raise RecordIOError("empty image path", path, line=no)
+            yield ListEntry(index, labels, parts[-1])
+
+
+def format_lst_line(entry: ListEntry) -> str:
+    """One `.lst` line as MXNet 1.9.1's im2rec writes it (labels as ``%f``)."""
+    if any(c in entry.path for c in "\t\n\r"):
+        raise RecordIOError(
+            f"image path {entry.path!r} holds a tab or newline and cannot go into a .lst"
+        )
+    labels = "".join(f"{label:f}\t" for label in entry.labels)
+    return f"{entry.index}\t{labels}{entry.path}\n"
+
+
+def write_lst(path: PathLike, entries: Iterable[ListEntry]) -> int:
+    """Write a `.lst` atomically; returns the number of lines."""
+    tmp = Path(str(path) + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for entry in entries:
+                f.write(format_lst_line(entry))
+                n += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return n
