@@ -1,28 +1,234 @@
-"""The `gpurec` command: a thin typer layer that parses, calls the library and prints."""
+"""The `gpurec` command: a thin typer layer that parses, calls the library and prints.
+
+Exit codes: 0 done; 1 done but images were skipped under ``--strict``; 2 an error
+(bad arguments, unreadable input), printed without a traceback unless ``--debug``.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from gpurec.recordio import IRHeader, ListEntry, RecordReader, RecordWriter, pack, unpack, write_lst
+from gpurec.recordio import RecordIOError
 
 app = typer.Typer(
     help="Pack image folders into MXNet RecordIO shards and stream them into training.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(stderr=True)  # progress, warnings and errors; results go to stdout
+_state = {"debug": False}
 
 
 @app.callback()
-def main() -> None:
-    """gpurec: image folders -> .rec/.idx shards -> batches on the GPU."""
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """gpurec: image folders -> .rec/.idx shards -> training batches."""
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Errors become one red line and exit code 2 (a traceback only with --debug)."""
+    try:
+        yield
+    except (RecordIOError, ValueError, OSError) as exc:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: nothing partial was left under a final name[/]")
+        raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A rich bar with images/s and ETA; yields (set total, advance) callbacks."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None, rate="")
+        start = time.perf_counter()
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            rate = done[0] / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:,.0f} img/s")
+
+        yield (lambda total: bar.update(task, total=total)), advance
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  gpurec pack train/ out/imagenet --resize 256 --shards 64\n\n"
+    "  gpurec pack pets/images out/pets --label-from-name default --train-ratio 0.8\n\n"
+    "  gpurec pack train/ out/in --config configs/imagenet-pack.yaml --num-parts 8 --part 3"
+)
+def pack(
+    root: Annotated[Path, typer.Argument(help="Folder of images (class folders, or flat).")],
+    prefix: Annotated[Path, typer.Argument(help="Output prefix; its folder is created.")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML preset; flags given here override it.")
+    ] = None,
+    label_from_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Class from the file name: a regex whose first group is the class, or "
+            "'default' for <class>_<number>.<ext>. [default: class folders]"
+        ),
+    ] = None,
+    exts: Annotated[
+        str | None, typer.Option(help="Comma-separated extensions. [default: .jpeg,.jpg,.png]")
+    ] = None,
+    lst: Annotated[
+        Path | None, typer.Option("--list", help="Pack this .lst instead of listing ROOT.")
+    ] = None,
+    follow_links: Annotated[
+        bool | None, typer.Option("--follow-links", help="Follow symlinks out of ROOT.")
+    ] = None,
+    shuffle: Annotated[
+        bool | None, typer.Option("--shuffle/--no-shuffle", help="[default: shuffle]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Shuffle and split seed. [default: 0]")] = None,
+    train_ratio: Annotated[
+        float | None, typer.Option(help="Share for train; val gets the rest. [default: 1]")
+    ] = None,
+    test_ratio: Annotated[float | None, typer.Option(help="Share for test. [default: 0]")] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Shorter edge in pixels; 0 keeps size. [default: 0]")
+    ] = None,
+    center_crop: Annotated[
+        bool | None, typer.Option("--center-crop", help="Crop the central square first.")
+    ] = None,
+    quality: Annotated[
+        int | None, typer.Option(help="JPEG quality, or PNG level. [default: 95]")
+    ] = None,
+    encoding: Annotated[str | None, typer.Option(help="'.jpg' or '.png'. [default: .jpg]")] = None,
+    color: Annotated[
+        int | None, typer.Option(help="1 color, 0 grayscale, -1 unchanged. [default: 1]")
+    ] = None,
+    pass_through: Annotated[
+        bool | None, typer.Option("--pass-through", help="Store files as they are.")
+    ] = None,
+    max_pixels: Annotated[
+        int | None, typer.Option(help="Refuse larger images. [default: 100000000]")
+    ] = None,
+    pack_label: Annotated[
+        bool | None, typer.Option("--pack-label", help="Multi-label .lst lines as multi-label.")
+    ] = None,
+    shards: Annotated[int | None, typer.Option(help="Shards per split. [default: 1]")] = None,
+    num_parts: Annotated[
+        int | None, typer.Option(help="Job-array size: shards are dealt to parts. [default: 1]")
+    ] = None,
+    part: Annotated[
+        int | None, typer.Option(help="This job's part, 0..num-parts-1. [default: 0]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes. [default: all cores]")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when any image was skipped.")
+    ] = False,
+) -> None:
+    """Pack a folder of images into .rec/.idx shards (plus .lst, classes, skip report)."""
+    from gpurec.config import load_config
+    from gpurec.pack import pack as pack_tree
+
+    with _errors():
+        options = load_config(config) if config else {}
+        options.update(
+            _given(
+                label_from_name=label_from_name,
+                exts=None if exts is None else tuple(e.strip() for e in exts.split(",")),
+                lst=None if lst is None else str(lst),
+                follow_links=follow_links,
+                shuffle=shuffle,
+                seed=seed,
+                train_ratio=train_ratio,
+                test_ratio=test_ratio,
+                resize=resize,
+                center_crop=center_crop,
+                quality=quality,
+                encoding=encoding,
+                color=color,
+                pass_through=pass_through,
+                max_pixels=max_pixels,
+                pack_label=pack_label,
+                shards=shards,
+                num_parts=num_parts,
+                part=part,
+                workers=workers,
+            )
+        )
+        with _progress("packing") as (set_total, advance):
+            summary = pack_tree(root, prefix, progress=advance, on_plan=set_total, **options)
+    for path, reason in summary.skipped[:5]:
+        console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+    if len(summary.skipped) > 5:
+        console.print(f"[yellow]... and {len(summary.skipped) - 5} more[/]")
+    if summary.report:
+        console.print(f"skip report: {summary.report}", highlight=False)
+    typer.echo(summary.line())
+    if strict and summary.skipped:
+        raise typer.Exit(1)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def im2rec(ctx: typer.Context) -> None:
+    """MXNet's im2rec.py, flag for flag: PREFIX ROOT [--list] [--recursive] ... (see -h)."""
+    from gpurec.im2rec import build_parser, run
+
+    try:
+        args = build_parser().parse_args(ctx.args)
+    except SystemExit as exc:  # argparse printed --help or a usage error
+        raise typer.Exit(0 if exc.code in (0, None) else 2) from None
+    with _errors(), _progress("im2rec") as (set_total, advance):
+        lists, summary, listing = run(args, progress=advance, on_plan=set_total)
+    if summary is None:
+        if args.recursive:  # im2rec prints the folder -> label mapping
+            for label, name in enumerate(listing.classes):
+                typer.echo(f"{name} {label}")
+        for path, reason in listing.skipped:
+            console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+        typer.echo(f"wrote {len(lists)} list(s): {', '.join(str(p) for p in lists)}")
+        return
+    for path, reason in summary.skipped[:5]:
+        console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+    typer.echo(summary.line())
 
 
 @app.command()
@@ -32,35 +238,40 @@ def demo(
     ),
     per_class: Annotated[int, typer.Option(help="Generated images per class.")] = 16,
 ) -> None:
-    """Generate a small sample dataset, write it as RecordIO and read it back.
+    """Generate a small sample dataset (with a few broken files), pack it, read it back.
 
     Example: gpurec demo --out /tmp/gpurec-demo
     """
+    from gpurec.pack import pack as pack_tree
+    from gpurec.recordio import RecordReader, unpack
     from gpurec.sample import make_sample_tree
 
-    start = time.perf_counter()
-    images = make_sample_tree(out / "images", per_class=per_class)
-    classes = sorted(p.name for p in images.iterdir() if p.is_dir())
-    entries: list[ListEntry] = []
-    for label, name in enumerate(classes):
-        for f in sorted((images / name).glob("*.jpg")):
-            entries.append(ListEntry(len(entries), (float(label),), f"{name}/{f.name}"))
-    prefix = out / "sample"
-    write_lst(prefix.with_suffix(".lst"), entries)
-    with RecordWriter(prefix.with_suffix(".rec"), prefix.with_suffix(".idx")) as writer:
-        for e in entries:
-            data = (images / e.path).read_bytes()
-            writer.write(pack(IRHeader(0, e.labels[0], e.index, 0), data), key=e.index)
-    with RecordReader(prefix.with_suffix(".rec")) as reader:
-        for i, e in enumerate(entries):
-            header, payload = unpack(reader[i])
-            want = hashlib.sha256((images / e.path).read_bytes()).digest()
-            if header.label != e.labels[0] or hashlib.sha256(payload).digest() != want:
-                raise typer.Exit(f"record {i} does not read back as {e.path}")
-        size = reader.size
-    seconds = time.perf_counter() - start
-    console.print(f"images: {images}\nrecords: {prefix}.rec/.idx/.lst")
-    console.print(
-        f"demo: {len(entries)} images in {len(classes)} classes -> {size} bytes, "
-        f"all read back identical, {seconds:.2f} s"
-    )
+    with _errors():
+        images = make_sample_tree(out / "images", per_class=per_class, bad_files=True)
+        with _progress("packing") as (set_total, advance):
+            summary = pack_tree(
+                images,
+                out / "sample",
+                resize=96,
+                train_ratio=0.75,
+                shards=2,
+                progress=advance,
+                on_plan=set_total,
+            )
+        labels: dict[int, int] = {}
+        for rec in summary.outputs:
+            with RecordReader(rec) as reader:
+                for i in range(len(reader)):
+                    label = int(unpack(reader[i])[0].label)
+                    labels[label] = labels.get(label, 0) + 1
+    show = Console(highlight=False)
+    show.print(f"images:    {images}")
+    for rec in summary.outputs:
+        show.print(f"shard:     {rec} (+ .idx, .lst)")
+    show.print(f"classes:   {out / 'sample.classes.json'} {summary.classes}")
+    for path, reason in summary.skipped:
+        show.print(f"[yellow]skipped[/]   {path}: {reason}")
+    show.print(f"report:    {summary.report}")
+    per_label = dict(sorted(labels.items()))
+    show.print(f"read back: {sum(labels.values())} records, per label {per_label}")
+    show.print(summary.line())

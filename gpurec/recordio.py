@@ -232,9 +232,12 @@ class RecordWriter:
             self._idx.flush()
             os.fsync(self._idx.fileno())
             self._idx.close()
-        os.replace(self._tmp, self.path)
+        # Drop the old .rec first, then place the .idx, then the .rec: at every instant a
+        # .rec under its final name has its own .idx beside it, never a stale one.
         if self._idx_tmp is not None:
+            self.path.unlink(missing_ok=True)
             os.replace(self._idx_tmp, self.idx_path)
+        os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
         """Drop everything written: the temporary files are removed, finals untouched."""

@@ -1,0 +1,426 @@
+"""Image tree -> list -> `.rec`/`.idx` shards, on all cores, in list order, never half-written.
+
+:func:`pack` is ``gpurec pack``: list a tree (or read a `.lst`), split, shard, and
+write each shard. :func:`pack_lists` is the packing half of ``gpurec im2rec``: one
+`.rec`/`.idx` per existing `.lst`. Both run :func:`write_shards`, which sends images
+to a process pool in small batches, keeps a bounded window of them in flight (memory
+does not grow with the list) and writes results in list order whatever the worker
+count, so the bytes are the same with 1 or 32 workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from multiprocessing import get_context
+from pathlib import Path
+
+from gpurec.listing import IMAGE_EXTS, Listing, list_images, resolve_in_root, split_entries
+from gpurec.recordio import IRHeader, ListEntry, RecordWriter, read_lst, write_lst
+from gpurec.recordio import pack as pack_record
+from gpurec.transcode import DEFAULT_MAX_PIXELS, EncodeSpec, ImageError, transcode
+
+__all__ = ["PackOptions", "PackSummary", "ShardJob", "pack", "pack_lists", "write_shards"]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Every option of :func:`pack`; config files use these names as keys.
+
+    Listing: ``exts``, ``label_from_name`` (a regex whose first group is the class, or
+    ``"default"`` for ``<class>_<number>.<ext>``), ``follow_links``, ``lst`` (pack this
+    `.lst` instead of listing the tree). Order and splits: ``shuffle``, ``seed``,
+    ``train_ratio``, ``test_ratio`` (val gets the rest). Images: as :class:`EncodeSpec`.
+    Records: ``pack_label`` (several labels of a `.lst` line as a multi-label header).
+    Output: ``shards`` per split; ``num_parts``/``part`` to pack only every
+    ``num_parts``-th shard starting at ``part`` (one job of a job array).
+    ``workers``: processes (None: all cores).
+    """
+
+    exts: tuple[str, ...] = IMAGE_EXTS
+    label_from_name: str | None = None
+    follow_links: bool = False
+    lst: str | None = None
+    shuffle: bool = True
+    seed: int = 0
+    train_ratio: float = 1.0
+    test_ratio: float = 0.0
+    resize: int = 0
+    center_crop: bool = False
+    quality: int = 95
+    encoding: str = ".jpg"
+    color: int = 1
+    pass_through: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    pack_label: bool = False
+    shards: int = 1
+    num_parts: int = 1
+    part: int = 0
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exts", tuple(self.exts))
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+            raise ValueError(f"part must be in 0..num_parts-1, got {self.part} of {self.num_parts}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        self.encode_spec()  # validates the image options
+
+    @classmethod
+    def from_dict(cls, options: dict) -> PackOptions:
+        """Build from keyword names (a config file); unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown pack option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+    def encode_spec(self) -> EncodeSpec:
+        return EncodeSpec(
+            resize=self.resize,
+            center_crop=self.center_crop,
+            quality=self.quality,
+            encoding=self.encoding,
+            color=self.color,
+            pass_through=self.pass_through,
+            max_pixels=self.max_pixels,
+        )
+
+
+@dataclass
+class ShardJob:
+    """One output shard: where it goes and the list entries it holds, in order."""
+
+    prefix: Path
+    entries: list[ListEntry]
+    write_lst: bool = True
+
+    @property
+    def rec(self) -> Path:
+        return self.prefix.with_name(self.prefix.name + ".rec")
+
+    @property
+    def idx(self) -> Path:
+        return self.prefix.with_name(self.prefix.name + ".idx")
+
+    @property
+    def lst(self) -> Path:
+        return self.prefix.with_name(self.prefix.name + ".lst")
+
+
+@dataclass
+class PackSummary:
+    """What a pack wrote: counts, bytes, time, the files, and the skipped images."""
+
+    images: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    outputs: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        return (
+            f"packed {self.images} images into {len(self.outputs)} shard(s), "
+            f"{self.bytes / 1e6:.1f} MB, skipped {len(self.skipped)}, "
+            f"{self.seconds:.1f} s, {self.images_per_second:.0f} images/s"
+        )
+
+
+# ------------------------------------------------------------------------ the workers
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one image per process at a time: no oversubscription
+
+
+def _transcode_file(root: str, path: str, spec: EncodeSpec, follow_links: bool) -> bytes | str:
+    """Record image bytes for ``root/path``, or the reason it is skipped."""
+    try:
+        full = resolve_in_root(root, path, follow_links)
+        with open(full, "rb") as f:
+            data = f.read()
+        return transcode(data, spec)
+    except (ImageError, ValueError) as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+
+
+def _transcode_batch(
+    root: str, spec: EncodeSpec, follow_links: bool, paths: list[str]
+) -> list[bytes | str]:
+    return [_transcode_file(root, p, spec, follow_links) for p in paths]
+
+
+def _in_order(
+    root: str,
+    spec: EncodeSpec,
+    follow_links: bool,
+    paths: Iterable[str],
+    workers: int,
+    batch: int = 8,
+    ahead: int = 4,
+) -> Iterator[bytes | str]:
+    """Transcode ``paths`` on ``workers`` processes; results come back in input order.
+
+    At most ``workers * ahead`` batches are in flight, so memory is bounded by the
+    window, not by the length of the list.
+    """
+    if workers <= 1:
+        _init_worker()
+        for path in paths:
+            yield _transcode_file(root, path, spec, follow_links)
+        return
+    context = get_context("forkserver" if os.name == "posix" else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    try:
+        todo = iter(paths)
+        pending: deque = deque()
+
+        def submit() -> None:
+            chunk = list(islice(todo, batch))
+            if chunk:
+                pending.append(pool.submit(_transcode_batch, root, spec, follow_links, chunk))
+
+        for _ in range(workers * ahead):
+            submit()
+        while pending:
+            done = pending.popleft().result()
+            submit()
+            yield from done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_shards(
+    root: str | Path,
+    jobs: Sequence[ShardJob],
+    spec: EncodeSpec,
+    *,
+    pack_label: bool = False,
+    follow_links: bool = False,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> PackSummary:
+    """Write every job's `.rec`/`.idx` (and `.lst` of what was packed), in list order.
+
+    A record is ``IRHeader(0, label, index, 0)`` + image bytes, keyed by the list index
+    in the `.idx`, as im2rec writes it. Each shard is written under temporary names and
+    renamed when complete; an interruption leaves no partial file under a final name.
+    """
+    workers = workers or os.cpu_count() or 1
+    summary = PackSummary()
+    paths = (entry.path for job in jobs for entry in job.entries)
+    results = _in_order(str(root), spec, follow_links, paths, workers)
+    try:
+        for job in jobs:
+            job.prefix.parent.mkdir(parents=True, exist_ok=True)
+            kept: list[ListEntry] = []
+            with RecordWriter(job.rec, job.idx) as writer:
+                for entry in job.entries:
+                    result = next(results)
+                    if isinstance(result, str):
+                        summary.skipped.append((entry.path, result))
+                    else:
+                        if not entry.labels:
+                            label: float | list[float] = 0.0
+                        elif pack_label and len(entry.labels) > 1:
+                            label = list(entry.labels)
+                        else:
+                            label = entry.labels[0]
+                        header = IRHeader(0, label, entry.index, 0)
+                        writer.write(pack_record(header, result), key=entry.index)
+                        kept.append(entry)
+                    if progress is not None:
+                        progress(1)
+                if job.write_lst:
+                    write_lst(job.lst, kept)
+                summary.bytes += writer.tell()
+            summary.images += len(kept)
+            summary.outputs.append(job.rec)
+    finally:
+        results.close()
+    return summary
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _tsv_field(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def write_report(path: Path, skipped: Sequence[tuple[str, str]]) -> Path | None:
+    """Write ``path`` as ``path<TAB>reason`` lines (escaped), or remove a stale one."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return None
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
+        f.write("path\treason\n")
+        f.writelines(f"{_tsv_field(p)}\t{_tsv_field(r)}\n" for p, r in skipped)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------- pack
+
+
+def shard_prefix(prefix: Path, split: str, shard: int, shards: int) -> Path:
+    """``PREFIX[_split][-KKKKK-of-NNNNN]``: the name of one shard, without extension."""
+    name = prefix.name + (f"_{split}" if split else "")
+    if shards > 1:
+        name += f"-{shard:05d}-of-{shards:05d}"
+    return prefix.with_name(name)
+
+
+def _even_chunks(entries: list[ListEntry], n: int) -> list[list[ListEntry]]:
+    """``n`` contiguous chunks whose sizes differ by at most one."""
+    q, r = divmod(len(entries), n)
+    bounds = [i * q + min(i, r) for i in range(n + 1)]
+    return [entries[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+
+def _listing(root: Path, opts: PackOptions) -> Listing:
+    if opts.lst is None:
+        return list_images(
+            root,
+            exts=opts.exts,
+            recursive=True,
+            label_from_name=opts.label_from_name,
+            follow_links=opts.follow_links,
+        )
+    entries = list(read_lst(opts.lst))
+    labels = sorted({int(e.labels[0]) for e in entries if e.labels})
+    return Listing(entries, [str(label) for label in labels])
+
+
+def pack(
+    root: str | Path,
+    prefix: str | Path,
+    *,
+    progress: Progress | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    **options,
+) -> PackSummary:
+    """``gpurec pack``: list ``root``, split, shard, and write the shards under ``prefix``.
+
+    Writes, next to ``prefix`` (its folder is created): per shard ``.rec``, ``.idx`` and
+    the ``.lst`` of the images it holds; ``<prefix>.classes.json`` (class names by
+    label); and ``<prefix>.skipped.tsv`` listing every image left out with the reason,
+    when any were. ``options`` are :class:`PackOptions` fields. ``on_plan`` is told how
+    many images will be processed before the work starts (for a progress total).
+    """
+    start = time.perf_counter()
+    opts = PackOptions.from_dict(options)
+    root, prefix = Path(root), Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    listing = _listing(root, opts)
+    splits = split_entries(
+        listing.entries,
+        train_ratio=opts.train_ratio,
+        test_ratio=opts.test_ratio,
+        shuffle=opts.shuffle,
+        seed=opts.seed,
+    )
+    jobs = [
+        ShardJob(shard_prefix(prefix, split, k, opts.shards), chunk)
+        for split, members in splits.items()
+        for k, chunk in enumerate(_even_chunks(members, opts.shards))
+    ]
+    mine = jobs[opts.part :: opts.num_parts]
+    if on_plan is not None:
+        on_plan(sum(len(job.entries) for job in mine))
+    _write_json(
+        prefix.with_name(prefix.name + ".classes.json"),
+        {"classes": listing.classes, "labels_from": _labels_from(opts)},
+    )
+    summary = write_shards(
+        root,
+        mine,
+        opts.encode_spec(),
+        pack_label=opts.pack_label,
+        follow_links=opts.follow_links,
+        workers=opts.workers,
+        progress=progress,
+    )
+    summary.skipped[:0] = listing.skipped if opts.part == 0 else []
+    summary.classes = listing.classes
+    part = f".part-{opts.part}-of-{opts.num_parts}" if opts.num_parts > 1 else ""
+    summary.report = write_report(
+        prefix.with_name(f"{prefix.name}{part}.skipped.tsv"), summary.skipped
+    )
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _labels_from(opts: PackOptions) -> str:
+    if opts.lst is not None:
+        return f"list {opts.lst}"
+    if opts.label_from_name is not None:
+        return f"file names: {opts.label_from_name}"
+    return "folders"
+
+
+def pack_lists(
+    lists: Sequence[str | Path],
+    root: str | Path,
+    spec: EncodeSpec,
+    *,
+    pack_label: bool = False,
+    workers: int = 1,
+    follow_links: bool = True,
+    progress: Progress | None = None,
+) -> PackSummary:
+    """im2rec's packing step: ``X.lst`` -> ``X.rec`` + ``X.idx`` beside it, for each list.
+
+    Images that cannot be packed are skipped (never a crash) and listed in
+    ``X.skipped.tsv``; the `.lst` itself is left as it is.
+    """
+    start = time.perf_counter()
+    total = PackSummary()
+    for lst in map(Path, lists):
+        job = ShardJob(lst.with_suffix(""), list(read_lst(lst)), write_lst=False)
+        done = write_shards(
+            root,
+            [job],
+            spec,
+            pack_label=pack_label,
+            follow_links=follow_links,
+            workers=workers,
+            progress=progress,
+        )
+        write_report(lst.with_suffix(".skipped.tsv"), done.skipped)
+        total.images += done.images
+        total.bytes += done.bytes
+        total.outputs += done.outputs
+        total.skipped += done.skipped
+    total.seconds = time.perf_counter() - start
+    return total

@@ -1,0 +1,237 @@
+"""One image file's bytes -> one record's image bytes: checked, decoded, resized, encoded.
+
+Everything a pack does to a single image lives here, so the process pool runs one
+plain function and every bad file ends as an :class:`ImageError` whose message is the
+skip reason written to the pack report.
+
+Speed: the image size is read from the file header first (a few bytes, no decoding),
+which both refuses decompression bombs before any pixel is decoded and picks
+libjpeg's reduced-size decoding (1/2, 1/4, 1/8) whenever the reduced image still
+covers the target size; only the remaining, less-than-2x resize is left to OpenCV.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["EncodeSpec", "ImageError", "ImageInfo", "sniff", "transcode"]
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageError(Exception):
+    """An image that cannot be packed; the message is the reason given in reports."""
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """How images become record payloads; the names and defaults are im2rec's.
+
+    resize: shorter edge in pixels after the optional center crop (0 keeps the size).
+    center_crop: crop the central square first. quality: JPEG quality (1-100), or PNG
+    compression level with ``encoding=".png"`` (levels above 9 mean 9, so im2rec's
+    default of 95 works for PNG too). color: 1 for 3-channel BGR,
+    0 for grayscale, -1 unchanged. pass_through: store the file's bytes as they are
+    (checked, never decoded). max_pixels: larger images are refused unread.
+    """
+
+    resize: int = 0
+    center_crop: bool = False
+    quality: int = 95
+    encoding: str = ".jpg"
+    color: int = 1
+    pass_through: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.resize < 0:
+            raise ValueError(f"resize must be >= 0, got {self.resize}")
+        if self.encoding not in (".jpg", ".png"):
+            raise ValueError(f"encoding must be '.jpg' or '.png', got {self.encoding!r}")
+        if self.encoding == ".jpg" and not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
+        if self.encoding == ".png" and not 0 <= self.quality <= 100:
+            raise ValueError(f"PNG compression level must be in 0..9, got {self.quality}")
+        if self.color not in (-1, 0, 1):
+            raise ValueError(f"color must be 1, 0 or -1, got {self.color}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the first bytes of a file say: its format, and its size where known."""
+
+    format: str
+    width: int | None = None
+    height: int | None = None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the first SOF marker, walking segment lengths only."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in _JPEG_SOF:
+            if pos + 9 > n:
+                return None
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def sniff(data: bytes) -> ImageInfo:
+    """Identify an image by its signature (not its file name) and read its size.
+
+    Raises ImageError for empty files, unknown signatures and truncated JPEG/PNG files
+    (a JPEG must still hold its end marker near the end, a PNG its IEND chunk).
+    """
+    if not data:
+        raise ImageError("empty file")
+    if data.startswith(b"\xff\xd8\xff"):
+        if b"\xff\xd9" not in data[-1024:]:
+            raise ImageError("truncated JPEG (no end-of-image marker)")
+        size = _jpeg_size(data)
+        if size is None:
+            raise ImageError("corrupt JPEG header (no frame size found)")
+        return ImageInfo("jpeg", *size)
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ImageError("corrupt PNG header")
+        if b"IEND" not in data[-64:]:
+            raise ImageError("truncated PNG (no IEND chunk)")
+        width, height = struct.unpack_from(">II", data, 16)
+        return ImageInfo("png", width, height)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        width, height = struct.unpack_from("<HH", data, 6)
+        return ImageInfo("gif", width, height)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ImageInfo("webp")
+    if data[:2] == b"BM":
+        return ImageInfo("bmp")
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        return ImageInfo("tiff")
+    raise ImageError(f"not an image: unknown file signature {data[:8].hex()}")
+
+
+_READ_FLAGS = {1: cv2.IMREAD_COLOR, 0: cv2.IMREAD_GRAYSCALE, -1: cv2.IMREAD_UNCHANGED}
+_REDUCED_FLAGS = {
+    1: {
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    },
+    0: {
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
+}
+
+
+def _reduction(info: ImageInfo, spec: EncodeSpec) -> int:
+    """The largest libjpeg scale denominator whose output still covers the target."""
+    if info.format != "jpeg" or not spec.resize or spec.color not in _REDUCED_FLAGS:
+        return 1
+    short = min(info.width, info.height)
+    for denom in (8, 4, 2):
+        if short // denom >= spec.resize:
+            return denom
+    return 1
+
+
+def decode(data: bytes, info: ImageInfo, spec: EncodeSpec) -> np.ndarray:
+    """Decode with OpenCV (at reduced size when the spec allows); raises ImageError."""
+    denom = _reduction(info, spec)
+    flags = _REDUCED_FLAGS[spec.color][denom] if denom > 1 else _READ_FLAGS[spec.color]
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as exc:
+        raise ImageError(f"OpenCV cannot decode it: {str(exc).strip().splitlines()[-1]}") from None
+    if img is None or img.size == 0:
+        raise ImageError(f"OpenCV cannot decode this {info.format} file")
+    return img
+
+
+def center_crop(img: np.ndarray) -> np.ndarray:
+    """The central square, as im2rec's ``--center-crop`` cuts it."""
+    h, w = img.shape[:2]
+    if h > w:
+        margin = (h - w) // 2
+        return img[margin : margin + w]
+    margin = (w - h) // 2
+    return img[:, margin : margin + h]
+
+
+def resize_shorter(img: np.ndarray, short: int) -> np.ndarray:
+    """Resize so the shorter edge is ``short``; the longer one as im2rec computes it."""
+    h, w = img.shape[:2]
+    size = (short, h * short // w) if h > w else (w * short // h, short)  # (width, height)
+    if size == (w, h):
+        return img
+    # Bilinear like im2rec; area averaging only for large downscales, where bilinear aliases.
+    interp = cv2.INTER_AREA if min(h, w) > 2 * short else cv2.INTER_LINEAR
+    return cv2.resize(img, size, interpolation=interp)
+
+
+def encode(img: np.ndarray, spec: EncodeSpec) -> bytes:
+    """Encode as the spec says; JPEG gets 8-bit data with at most 3 channels."""
+    if spec.encoding == ".jpg":
+        if img.dtype != np.uint8:
+            img = cv2.convertScaleAbs(img, alpha=255.0 / np.iinfo(img.dtype).max)
+        if img.ndim == 3 and img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+        params = [cv2.IMWRITE_JPEG_QUALITY, spec.quality]
+    else:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, min(spec.quality, 9)]
+    ok, buf = cv2.imencode(spec.encoding, img, params)
+    if not ok:
+        raise ImageError(f"OpenCV cannot encode a {img.shape} {img.dtype} image as {spec.encoding}")
+    return buf.tobytes()
+
+
+def transcode(data: bytes, spec: EncodeSpec) -> bytes:
+    """The record image bytes for one file's bytes, or ImageError with the reason.
+
+    Pass-through returns ``data`` itself after the header checks, so the record holds
+    the file byte for byte (as im2rec's ``--pass-through``).
+    """
+    info = sniff(data)
+    if info.width is not None:
+        pixels = info.width * info.height
+        if pixels == 0:
+            raise ImageError(f"image declares a size of {info.width}x{info.height}")
+        if pixels > spec.max_pixels:
+            raise ImageError(
+                f"{info.width}x{info.height} = {pixels} pixels is over the bound of "
+                f"{spec.max_pixels} (max_pixels)"
+            )
+    if spec.pass_through:
+        return data
+    img = decode(data, info, spec)
+    if info.width is None and img.shape[0] * img.shape[1] > spec.max_pixels:
+        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is over the bound (max_pixels)")
+    if spec.center_crop:
+        img = center_crop(img)
+    if spec.resize:
+        img = resize_shorter(img, spec.resize)
+    return encode(img, spec)
