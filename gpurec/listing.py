@@ -155,7 +155,7 @@ def list_images(
             if pattern is not None:
                 match = pattern.search(name)
                 if match is None or not match.group(1):
-                    skipped.append((path, f"file name does not match {pattern.pattern!r}"))
+                    skipped.append((path, f"file name does not match {pattern.pattern}"))
                     continue
                 found.append((path, match.group(1)))
             elif recursive:

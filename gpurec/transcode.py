@@ -182,14 +182,20 @@ def center_crop(img: np.ndarray) -> np.ndarray:
     return img[:, margin : margin + h]
 
 
-def resize_shorter(img: np.ndarray, short: int) -> np.ndarray:
-    """Resize so the shorter edge is ``short``; the longer one as im2rec computes it."""
-    h, w = img.shape[:2]
+def resize_shorter(
+    img: np.ndarray, short: int, full_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Resize so the shorter edge is ``short``, the longer one as im2rec computes it.
+
+    ``full_size`` (height, width) is the image's size before any reduced decoding: the
+    output size is computed from it, so it is the same as from a full-size decode.
+    """
+    h, w = full_size or img.shape[:2]
     size = (short, h * short // w) if h > w else (w * short // h, short)  # (width, height)
-    if size == (w, h):
+    if size == (img.shape[1], img.shape[0]):
         return img
     # Bilinear like im2rec; area averaging only for large downscales, where bilinear aliases.
-    interp = cv2.INTER_AREA if min(h, w) > 2 * short else cv2.INTER_LINEAR
+    interp = cv2.INTER_AREA if min(img.shape[:2]) > 2 * short else cv2.INTER_LINEAR
     return cv2.resize(img, size, interpolation=interp)
 
 
@@ -228,10 +234,18 @@ def transcode(data: bytes, spec: EncodeSpec) -> bytes:
     if spec.pass_through:
         return data
     img = decode(data, info, spec)
-    if info.width is None and img.shape[0] * img.shape[1] > spec.max_pixels:
-        raise ImageError(f"{img.shape[1]}x{img.shape[0]} pixels is over the bound (max_pixels)")
+    h, w = img.shape[:2]
+    if info.width is None:
+        if h * w > spec.max_pixels:
+            raise ImageError(f"{w}x{h} = {h * w} pixels is over the bound of {spec.max_pixels}")
+        full = (h, w)
+    elif (h > w and info.width > info.height) or (h < w and info.width < info.height):
+        full = (info.width, info.height)  # decoded upright from an EXIF-rotated file
+    else:
+        full = (info.height, info.width)
     if spec.center_crop:
         img = center_crop(img)
+        full = (min(full), min(full))
     if spec.resize:
-        img = resize_shorter(img, spec.resize)
+        img = resize_shorter(img, spec.resize, full)
     return encode(img, spec)

@@ -41,3 +41,33 @@ def test_dali_reads_split_and_multilabel_records(tmp_path: Path) -> None:
     for i, (_, body, label) in enumerate(samples):
         assert np.array(data[i]).tobytes() == body, f"payload of record {i}"
         np.testing.assert_array_equal(np.array(labels[i]).ravel(), label)
+
+
+def test_dali_reads_and_decodes_each_packed_shard_alone(tmp_path: Path) -> None:
+    from helpers import color_tree, label_from_pixels
+
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=5)
+    summary = pack(root, tmp_path / "out" / "ds", resize=40, shards=2, workers=1)
+    assert summary.images == 15 and len(summary.outputs) == 2
+    seen = 0
+    for rec in summary.outputs:
+        n = len(list((rec.with_suffix(".lst")).read_text().splitlines()))
+
+        @dali.pipeline_def(batch_size=n, num_threads=1, device_id=None)
+        def read(rec=rec):
+            jpegs, labels = fn.readers.mxnet(
+                path=[str(rec)], index_path=[str(rec.with_suffix(".idx"))], random_shuffle=False
+            )
+            return fn.decoders.image(jpegs, device="cpu"), labels
+
+        pipe = read()
+        pipe.build()
+        images, labels = pipe.run()
+        for i in range(n):
+            img = np.array(images[i])  # RGB from DALI
+            assert min(img.shape[:2]) == 40
+            assert label_from_pixels(img[..., ::-1]) == int(np.array(labels[i])[0])
+        seen += n
+    assert seen == 15

@@ -1,0 +1,5 @@
+"""``python -m gpurec`` is the ``gpurec`` command."""
+
+from gpurec.cli import app
+
+app(prog_name="gpurec")
