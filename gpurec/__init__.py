@@ -1,24 +1,26 @@
-"""gpurec: image folders to MXNet RecordIO shards, and shards to GPU training batches."""
+"""gpurec: image folders to MXNet RecordIO shards, and shards to training batches.
 
-from gpurec.recordio import (
-    IRHeader,
-    ListEntry,
-    RecordIOError,
-    RecordReader,
-    RecordWriter,
-    pack,
-    unpack,
-)
+``gpurec.pack(root, prefix, ...)`` packs a tree into shards; ``gpurec.Pipeline(...)``
+streams shards as augmented batches. The format itself is :mod:`gpurec.recordio`.
+"""
+
+from gpurec.pack import PackOptions, PackSummary
+from gpurec.pack import pack as pack  # the function; the module stays gpurec.pack in imports
+from gpurec.pipeline import Batch, Pipeline
+from gpurec.recordio import IRHeader, ListEntry, RecordIOError, RecordReader, RecordWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "IRHeader",
     "ListEntry",
+    "PackOptions",
+    "PackSummary",
+    "Pipeline",
     "RecordIOError",
     "RecordReader",
     "RecordWriter",
     "__version__",
     "pack",
-    "unpack",
 ]

@@ -156,8 +156,16 @@ class Pipeline:
     def _make_backend(self, backend: str):
         if backend == "auto":
             backend = "dali" if self.device == "gpu" or _dali_installed() else "cpu"
-        if self.device == "gpu" and backend != "dali":
-            raise ValueError("device='gpu' decodes with DALI: use backend='dali' or 'auto'")
+        if self.device == "gpu":
+            if backend != "dali":
+                raise ValueError("device='gpu' decodes with DALI: use backend='dali' or 'auto'")
+            try:
+                import cupy  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "device='gpu' needs CuPy and a CUDA 12 GPU: pip install 'gpurec[gpu]'; "
+                    "without a GPU use device='cpu'"
+                ) from None
         if backend == "dali":
             if not _dali_installed():
                 raise ImportError(

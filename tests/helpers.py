@@ -46,3 +46,43 @@ def label_from_pixels(image) -> int:
 
     mean = image.reshape(-1, image.shape[-1]).mean(axis=0)
     return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in CLASS_COLORS]))
+
+
+def write_records(rec: Path, images, labels, encoding: str = ".png") -> Path:
+    """A shard (``.rec`` + ``.idx``) of the given images and labels, ids 0..n-1."""
+    import cv2
+
+    from gpurec.recordio import IRHeader, RecordWriter, pack
+
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            data = cv2.imencode(encoding, img)[1].tobytes()
+            writer.write(pack(IRHeader(0, label, i, 0), data), key=i)
+    return rec
+
+
+def numbered_shards(folder: Path, counts=(7, 5, 9), size=(40, 52)) -> list[Path]:
+    """Shards whose record ``k`` (global) has label ``k`` and a flat grey level of
+    ``k * 5 % 256``: a batch's labels say exactly which records it holds."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, k = [], 0
+    for s, count in enumerate(counts):
+        images = [np.full((*size, 3), (k + i) * 5 % 256, np.uint8) for i in range(count)]
+        labels = [float(k + i) for i in range(count)]
+        shards.append(write_records(folder / f"n-{s:05d}-of-{len(counts):05d}.rec", images, labels))
+        k += count
+    return shards
+
+
+def coordinate_image(size: int = 256):
+    """A BGR image whose red channel is x and green channel is y (0..255): any crop of it
+    says where it came from."""
+    import numpy as np
+
+    ramp = np.linspace(0, 255, size).round().astype(np.uint8)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[..., 2] = ramp[None, :]
+    img[..., 1] = ramp[:, None]
+    return img

@@ -1,0 +1,311 @@
+"""gpurec.Pipeline on both backends (DALI's CPU mode and the OpenCV fallback)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import color_tree, coordinate_image, label_from_pixels, numbered_shards, write_records
+
+from gpurec import Pipeline
+from gpurec.backends import dali as dali_backend
+from gpurec.pack import pack
+from gpurec.recordio import IRHeader, RecordWriter, read_idx
+from gpurec.recordio import pack as pack_record
+
+BACKENDS = ["cpu", "dali"]
+
+
+def cpu_pipe(source, batch_size, shape=(3, 32, 32), **kw) -> Pipeline:
+    return Pipeline(source, batch_size, shape, device="cpu", **kw)
+
+
+def epoch_labels(pipe: Pipeline) -> list[int]:
+    return [int(v) for b in pipe for v in np.asarray(b.label)[: len(b.label) - b.pad]]
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("colors")
+    root = color_tree(base / "img", per_class=12)
+    pack(root, base / "ds", resize=64, shards=2, workers=1)
+    return base / "ds"
+
+
+# ------------------------------------------------------------------------ equivalence
+
+
+@pytest.mark.parametrize(
+    ("source", "shape"),
+    [("packed", (3, 48, 48)), ("golden-resized", (3, 40, 40)), ("golden-passthrough", (3, 64, 64))],
+)
+def test_eval_transform_agrees_across_backends(colors, golden, source, shape) -> None:
+    """Tolerance: per image, mean absolute difference <= 4 levels (0-255 scale)."""
+    path = {"packed": colors, "golden-resized": golden / "resized.rec",
+            "golden-passthrough": golden / "passthrough.rec"}[source]  # fmt: skip
+    out = {}
+    for backend in BACKENDS:
+        pipe = cpu_pipe(path, 4, shape, backend=backend, train=False, last_batch="partial")
+        batches = list(pipe)
+        out[backend] = (np.concatenate([b.data for b in batches]),
+                        np.concatenate([b.label for b in batches]))  # fmt: skip
+    np.testing.assert_array_equal(out["cpu"][1], out["dali"][1])
+    diff = np.abs(out["cpu"][0] - out["dali"][0]).mean(axis=(1, 2, 3))
+    assert diff.max() <= 4, diff
+
+
+# ----------------------------------------------------------------- augmentation facts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_belong_to_their_images_under_full_augmentation(colors, backend) -> None:
+    pipe = cpu_pipe(colors, 8, (3, 40, 40), backend=backend, max_rotate_angle=20,
+                    max_shear_ratio=0.2, brightness=0.2, contrast=0.2, saturation=0.3,
+                    mean=(120, 110, 100), std=(60, 60, 60))  # fmt: skip
+    for data, label in pipe:
+        assert data.shape == (8, 3, 40, 40) and data.dtype == np.float32
+        for img, lab in zip(data, label, strict=True):
+            rgb = img.transpose(1, 2, 0) * 60 + np.array([120, 110, 100])
+            assert label_from_pixels(rgb[..., ::-1]) == int(lab)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mirror_is_a_horizontal_flip(colors, backend) -> None:
+    common = dict(backend=backend, shuffle=False, dtype="uint8", layout="NHWC")
+    plain = np.concatenate([b.data for b in cpu_pipe(colors, 8, train=False, **common)])
+    mirrored = np.concatenate([b.data for b in cpu_pipe(colors, 8, rand_crop=False,
+                                                        rand_mirror=True, **common)])  # fmt: skip
+    flips = 0
+    for a, m in zip(plain, mirrored, strict=True):
+        if np.array_equal(m, a[:, ::-1]) and not np.array_equal(m, a):
+            flips += 1
+        else:
+            np.testing.assert_array_equal(m, a)
+    assert 0 < flips < len(plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotation_keeps_size_and_fills(tmp_path, backend) -> None:
+    rec = write_records(tmp_path / "d.rec", [np.full((64, 64, 3), 40, np.uint8)] * 16, [0.0] * 16)
+    pipe = cpu_pipe(rec, 16, (3, 64, 64), backend=backend, rand_crop=False, rand_mirror=False,
+                    max_rotate_angle=60, fill_value=200, dtype="uint8", layout="NHWC")  # fmt: skip
+    ((data, _),) = list(pipe)
+    assert data.shape == (16, 64, 64, 3)
+    assert (np.abs(data[:, 28:36, 28:36].astype(int) - 40) <= 2).all()  # the center is image
+    filled = [(img[:3, :3] >= 195).all() or (img[:3, -3:] >= 195).all() for img in data]
+    assert sum(filled) >= 10  # corners show fill_value whenever the angle is not tiny
+    assert not ((data > 45) & (data < 195)).any(axis=-1).mean() > 0.05  # only image or fill
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_crops_stay_inside_with_area_and_aspect_in_range(tmp_path, backend) -> None:
+    rec = write_records(tmp_path / "c.rec", [coordinate_image(256)] * 24, [0.0] * 24)
+    pipe = cpu_pipe(rec, 24, (3, 64, 64), backend=backend, rand_mirror=False,
+                    min_random_area=0.25, max_random_area=0.6, min_aspect_ratio=0.75,
+                    max_aspect_ratio=1.33, dtype="uint8", layout="NHWC")  # fmt: skip
+    ((data, _),) = list(pipe)
+    for img in data.astype(float):
+        x0, x1 = img[:, 0, 0].mean() * 256 / 255, img[:, -1, 0].mean() * 256 / 255
+        y0, y1 = img[0, :, 1].mean() * 256 / 255, img[-1, :, 1].mean() * 256 / 255
+        w, h = x1 - x0, y1 - y0
+        assert x0 >= -2 and x1 <= 258 and y0 >= -2 and y1 <= 258
+        assert 0.25 * 0.85 <= w * h / 256**2 <= 0.6 * 1.15, (w, h)
+        assert 0.75 * 0.9 <= w / h <= 1.33 * 1.1, (w, h)
+
+
+# ------------------------------------------------------------------ ranks and epochs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("last_batch", ["pad", "partial", "drop"])
+def test_ranks_are_disjoint_cover_everything_and_have_equal_lengths(
+    tmp_path, backend, last_batch
+) -> None:
+    shards = numbered_shards(tmp_path)  # 21 records, labels 0..20
+    per_rank = []
+    for rank in range(3):
+        pipe = cpu_pipe(shards, 3, backend=backend, shard_id=rank, num_shards=3,
+                        last_batch=last_batch, seed=5)  # fmt: skip
+        lengths = [len(pipe)]
+        per_rank.append(epoch_labels(pipe))
+        lengths.append(len(list(pipe)))  # a second epoch
+        assert lengths == [len(pipe)] * 2
+    assert len({len(cpu_pipe(shards, 3, backend=backend, shard_id=r, num_shards=3,
+                             last_batch=last_batch)) for r in range(3)}) == 1  # fmt: skip
+    flat = [x for r in per_rank for x in r]
+    assert len(flat) == len(set(flat))  # disjoint
+    if last_batch == "drop":
+        assert set(flat) <= set(range(21)) and len(flat) == 3 * 2 * 3
+    else:
+        assert sorted(flat) == list(range(21))  # together they cover the dataset
+
+
+def test_pad_and_partial_report_padding(tmp_path) -> None:
+    shards = numbered_shards(tmp_path, counts=(10,))
+    pad = list(cpu_pipe(shards, 4, backend="cpu", last_batch="pad", shuffle=False))
+    assert [b.pad for b in pad] == [0, 0, 2] and [len(b.label) for b in pad] == [4, 4, 4]
+    assert list(pad[-1].label) == [8, 9, 9, 9]
+    partial = list(cpu_pipe(shards, 4, backend="cpu", last_batch="partial", shuffle=False))
+    assert [len(b.label) for b in partial] == [4, 4, 2] and partial[-1].pad == 0
+
+
+def test_cpu_backend_is_deterministic_and_reshuffles_each_epoch(colors) -> None:
+    def run(threads):
+        pipe = cpu_pipe(colors, 6, backend="cpu", seed=3, num_threads=threads,
+                        max_rotate_angle=10, brightness=0.3)  # fmt: skip
+        return [[(b.data.copy(), b.label.copy()) for b in pipe] for _ in range(2)]
+
+    a, b = run(1), run(3)
+    for ea, eb in zip(a, b, strict=True):
+        for (da, la), (db, lb) in zip(ea, eb, strict=True):
+            np.testing.assert_array_equal(da, db)
+            np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(a[0][0][0], a[1][0][0])  # epoch 2 differs from epoch 1
+
+
+def test_cpu_resume_continues_at_the_next_unseen_batch(colors) -> None:
+    full = cpu_pipe(colors, 5, backend="cpu", seed=9, brightness=0.2)
+    list(full)  # epoch 0
+    want = [b.data.copy() for b in full]  # epoch 1
+    first = cpu_pipe(colors, 5, backend="cpu", seed=9, brightness=0.2)
+    list(first)
+    it = iter(first)
+    got = [next(it).data.copy() for _ in range(2)]
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["batch"] == 2
+    resumed = cpu_pipe(colors, 5, backend="cpu", seed=9, brightness=0.2)
+    resumed.load_state_dict(state)
+    got += [b.data.copy() for b in resumed]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["batch"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_stay_valid_after_the_next_batch(colors, backend) -> None:
+    pipe = cpu_pipe(colors, 4, backend=backend, train=False)
+    batches = list(pipe)
+    copies = [b.data.copy() for b in batches]
+    list(pipe)  # another epoch through the same buffers
+    for b, c in zip(batches, copies, strict=True):
+        np.testing.assert_array_equal(b.data, c)
+    assert not np.array_equal(batches[0].data, batches[1].data)
+
+
+# ----------------------------------------------------------------- sources and labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_shards_form_one_dataset_by_prefix_glob_or_list(tmp_path, backend) -> None:
+    shards = numbered_shards(tmp_path)
+    for source in (tmp_path / "n", str(tmp_path / "n-*.rec"), shards):
+        pipe = cpu_pipe(source, 4, backend=backend, last_batch="partial", shuffle=False)
+        assert epoch_labels(pipe) == list(range(21))
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard\(s\) 1 of 3 are missing"):
+        cpu_pipe(tmp_path / "n", 4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_label_records_give_n_by_k_labels(tmp_path, backend) -> None:
+    rec = tmp_path / "m.rec"
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i in range(6):
+            png = cv2.imencode(".png", np.full((20, 20, 3), i * 30, np.uint8))[1].tobytes()
+            writer.write(pack_record(IRHeader(0, [i, 0.5, -i], i, 0), png), key=i)
+    (batch,) = list(cpu_pipe(rec, 6, (3, 16, 16), backend=backend, shuffle=False, train=False))
+    assert batch.label.shape == (6, 3) and batch.label.dtype == np.float32
+    np.testing.assert_array_equal(batch.label[:, 0], np.arange(6))
+
+
+def test_bad_record_named_or_skipped_on_cpu(tmp_path) -> None:
+    good = cv2.imencode(".png", np.full((20, 20, 3), 90, np.uint8))[1].tobytes()
+    rec = tmp_path / "b.rec"
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i in range(4):
+            body = b"\xff\xd8\xff not a jpeg" if i == 2 else good
+            writer.write(pack_record(IRHeader(0, float(i), i, 0), body), key=i)
+    offset = int(read_idx(rec.with_suffix(".idx"))[1][2])
+    pipe = cpu_pipe(rec, 4, (3, 16, 16), backend="cpu", shuffle=False, train=False)
+    with pytest.raises(Exception, match=rf"b\.rec: at byte {offset}: record 2: cannot decode"):
+        list(pipe)
+    skip = cpu_pipe(rec, 4, (3, 16, 16), backend="cpu", shuffle=False, train=False,
+                    on_error="skip")  # fmt: skip
+    (batch,) = list(skip)
+    assert skip.skipped == 1 and 2 not in batch.label.tolist()
+    with pytest.raises(ValueError, match="on_error='skip' needs backend='cpu'"):
+        cpu_pipe(rec, 4, backend="dali", on_error="skip")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"device": "tpu"}, "device must be 'gpu' or 'cpu'"),
+        ({"backend": "torch"}, "backend must be"),
+        ({"last_batch": "keep"}, "last_batch must be one of"),
+        ({"data_shape": (1, 32, 32)}, r"data_shape must be \(3, height, width\)"),
+        ({"train": False, "rand_mirror": True}, "rand_mirror=True is a training augmentation"),
+        ({"train": False, "max_rotate_angle": 10}, "train=False forbids it"),
+        ({"min_random_area": 0.5, "max_random_area": 0.2}, "min_random_area <= max_random_area"),
+        ({"mean": (1, 2)}, "mean must have 3 values"),
+        ({"std": 0}, "std must be positive"),
+        ({"dtype": "uint8", "mean": (1, 1, 1)}, "dtype='uint8' cannot hold"),
+        ({"layout": "CHW"}, "layout must be one of"),
+        ({"shard_id": 3, "num_shards": 3}, "shard_id must be in 0..num_shards-1"),
+        ({"brightness": 1.5}, r"brightness must be in \[0, 1\]"),
+        ({"resise": 3}, "unknown argument"),
+        ({"batch_size": 40, "last_batch": "drop"}, "leaves no batch"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(colors, kwargs, error) -> None:
+    args = {"batch_size": 4, "device": "cpu", "backend": "cpu"} | kwargs
+    with pytest.raises((ValueError, TypeError), match=error):
+        Pipeline(colors, **args)
+
+
+def test_ranks_default_from_torchrun_environment(tmp_path, monkeypatch) -> None:
+    shards = numbered_shards(tmp_path)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    pipe = cpu_pipe(shards, 7, backend="cpu", shuffle=False)
+    assert (pipe.shard_id, pipe.num_shards) == (2, 3)
+    assert epoch_labels(pipe) == list(range(14, 21))
+
+
+def test_from_config_with_overrides_and_unknown_keys(colors, tmp_path) -> None:
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"source: {colors}\nbatch_size: 6\ndata_shape: [3, 24, 24]\n"
+                   "device: cpu\nbackend: cpu\nrand_mirror: true\n")  # fmt: skip
+    pipe = Pipeline.from_config(cfg, batch_size=4)
+    assert pipe.batch_size == 4 and pipe.spec.rand_mirror and pipe.spec.height == 24
+    cfg.write_text("batch_size: 4\nbrightnes: 0.1\n")
+    with pytest.raises(ValueError, match="unknown Pipeline option"):
+        Pipeline.from_config(cfg, source=colors)
+
+
+# -------------------------------------------------------------------------- the GPU path
+
+
+def test_gpu_graph_differs_from_cpu_graph_only_in_the_decoder_device() -> None:
+    """The GPU graph cannot be built here; what the device changes must be one string."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(dali_backend.graph)))
+    reads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "device"]
+    assert len(reads) == 1  # only the decoder switch reads the device
+    switch = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                  and ast.unparse(n.targets[0]) == "decoder")  # fmt: skip
+    assert ast.unparse(switch.value) == "'mixed' if device == 'gpu' else 'cpu'"
+    device_args = [ast.unparse(k.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                   for k in n.keywords if k.arg == "device"]  # fmt: skip
+    assert device_args == ["decoder", "decoder"]  # the two decoders, no other operator
+
+
+def test_gpu_device_without_cuda_says_what_is_missing(colors) -> None:
+    with pytest.raises(ImportError, match="device='gpu' needs CuPy"):
+        Pipeline(colors, 4, device="gpu")
