@@ -243,18 +243,25 @@ class Pipeline:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Where the next ``iter()`` resumes: the epoch and the next unseen batch."""
-        return {"epoch": self.epoch, "batch": self._next_batch, "seed": self.seed}
+        """Where the next ``iter()`` resumes: the epoch, the next unseen batch, and the
+        backend's own state (DALI's checkpoint; nothing for the CPU backend, whose
+        batches follow from the seed)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._next_batch,
+            "seed": self.seed,
+            "backend": self.backend.state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next ``iter()`` yields the next unseen batch."""
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"checkpoint was taken with seed {state['seed']}, not {self.seed}")
         batch = int(state["batch"])
-        if not 0 <= batch <= self._batches:
-            raise ValueError(f"checkpoint batch {batch} is outside 0..{self._batches}")
+        if not 0 <= batch < self._batches:
+            raise ValueError(f"checkpoint batch {batch} is outside 0..{self._batches - 1}")
+        self.backend.restore(state.get("backend") or {})
         self.epoch, self._next_batch = int(state["epoch"]), batch
-        if batch == self._batches:
-            self.epoch, self._next_batch = self.epoch + 1, 0
 
     def close(self) -> None:
         self.backend.close()

@@ -168,23 +168,28 @@ def test_cpu_backend_is_deterministic_and_reshuffles_each_epoch(colors) -> None:
     assert not np.array_equal(a[0][0][0], a[1][0][0])  # epoch 2 differs from epoch 1
 
 
-def test_cpu_resume_continues_at_the_next_unseen_batch(colors) -> None:
-    full = cpu_pipe(colors, 5, backend="cpu", seed=9, brightness=0.2)
-    list(full)  # epoch 0
-    want = [b.data.copy() for b in full]  # epoch 1
-    first = cpu_pipe(colors, 5, backend="cpu", seed=9, brightness=0.2)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("last_batch", ["drop", "pad"])
+def test_resume_continues_at_the_next_unseen_batch(colors, backend, last_batch) -> None:
+    def make() -> Pipeline:
+        return cpu_pipe(colors, 5, backend=backend, seed=9, brightness=0.2, num_threads=2,
+                        last_batch=last_batch)  # fmt: skip
+
+    full = make()
+    want = [[b.data.copy() for b in full] for _ in range(3)]  # epochs 0, 1, 2
+    first = make()
     list(first)
     it = iter(first)
     got = [next(it).data.copy() for _ in range(2)]
     state = first.state_dict()
     assert state["epoch"] == 1 and state["batch"] == 2
-    resumed = cpu_pipe(colors, 5, backend="cpu", seed=9, brightness=0.2)
+    resumed = make()
     resumed.load_state_dict(state)
     got += [b.data.copy() for b in resumed]
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(g, w)
     assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["batch"] == 0
+    got_next = [b.data.copy() for b in resumed]
+    for g, w in zip(got + got_next, want[1] + want[2], strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,6 +246,9 @@ def test_bad_record_named_or_skipped_on_cpu(tmp_path) -> None:
     assert skip.skipped == 1 and 2 not in batch.label.tolist()
     with pytest.raises(ValueError, match="on_error='skip' needs backend='cpu'"):
         cpu_pipe(rec, 4, backend="dali", on_error="skip")
+    dali = cpu_pipe(rec, 4, (3, 16, 16), backend="dali", shuffle=False, train=False)
+    with pytest.raises(RuntimeError, match=r"DALI failed on batch 0 of epoch 0 \(rank 0 of 1\)"):
+        list(dali)
 
 
 @pytest.mark.parametrize(

@@ -263,5 +263,11 @@ class CPUBackend:
                 for f in futures:
                     f.cancel()
 
+    def state(self) -> dict:
+        return {}  # batches follow from (seed, epoch, batch): nothing else to keep
+
+    def restore(self, state: dict) -> None:
+        pass
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -81,12 +81,12 @@ def graph(
             images, matrix=matrix, inverse_map=False, fill_value=spec.fill_value
         )
     if spec.brightness or spec.contrast:
-        images = fn.brightness_contrast(
-            images,
-            brightness=fn.random.uniform(range=(1 - spec.brightness, 1 + spec.brightness)),
-            contrast=fn.random.uniform(range=(1 - spec.contrast, 1 + spec.contrast)),
-            contrast_center=128.0,
-        )
+        factors = {
+            name: fn.random.uniform(range=(1 - amount, 1 + amount))
+            for name, amount in (("brightness", spec.brightness), ("contrast", spec.contrast))
+            if amount
+        }
+        images = fn.brightness_contrast(images, contrast_center=128.0, **factors)
     if spec.saturation:
         images = fn.saturation(
             images, saturation=fn.random.uniform(range=(1 - spec.saturation, 1 + spec.saturation))
@@ -103,49 +103,73 @@ def graph(
     return images, labels
 
 
+def _dali_reason(exc: Exception) -> str:
+    """The informative line of a DALI error (its first lines are generic)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("encountered:") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[-1] if lines else type(exc).__name__
+
+
 class DALIBackend:
-    """Runs :func:`graph` in a DALI pipeline and hands out owned arrays."""
+    """Runs :func:`graph` in a DALI pipeline and hands out owned arrays.
+
+    Checkpoints are DALI's own (reader position, shuffle buffer and random generator
+    states), so a restored pipeline continues with exactly the batches it would have
+    produced.
+    """
 
     def __init__(self, pipe: Pipeline) -> None:
-        from nvidia.dali import fn, pipeline_def, types
-
         self.pipe = pipe
         self._tmp = Path(tempfile.mkdtemp(prefix="gpurec-dali-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        index = str(pipe.dataset.write_global_idx(self._tmp / "global.idx"))
-        device_id = None
+        self._index = str(pipe.dataset.write_global_idx(self._tmp / "global.idx"))
+        self._device_id = None
         if pipe.device == "gpu":
             import cupy
 
-            device_id = cupy.cuda.Device().id
-        self._pipeline = pipeline_def(graph)(
+            self._device_id = cupy.cuda.Device().id
+        self._pipeline = self._build()
+        meta = self._pipeline.reader_meta(READER)
+        shard_max = -(-meta["epoch_size_padded"] // meta["number_of_shards"])
+        self._reader_batches = -(-shard_max // pipe.batch_size)  # one DALI reader epoch
+        self._reader_epoch = 0  # the reader moves a rank to the next shard every epoch
+
+    def _build(self, checkpoint: bytes | None = None):
+        from nvidia.dali import fn, pipeline_def, types
+
+        pipe = self.pipe
+        pipeline = pipeline_def(graph, enable_checkpointing=True)(
             fn,
             types,
             pipe.spec,
             device=pipe.device,
             recs=[str(p) for p in pipe.dataset.paths],
-            index=index,
+            index=self._index,
             shard_id=pipe.shard_id,
             num_shards=pipe.num_shards,
             shuffle=pipe.shuffle,
             batch_size=pipe.batch_size,
             num_threads=pipe.num_threads,
-            device_id=device_id,
+            device_id=self._device_id,
             seed=pipe.seed,
             prefetch_queue_depth=pipe.prefetch,
+            checkpoint=checkpoint,
         )
-        self._pipeline.build()
-        self._reader_epoch = 0  # DALI's reader moves a rank to the next shard every epoch
-        self._reader_batches = -(-self._shard_size_max() // pipe.batch_size)
+        pipeline.build()
+        return pipeline
 
-    def _shard_size_max(self) -> int:
-        meta = self._pipeline.reader_meta(READER)
-        return -(-meta["epoch_size_padded"] // meta["number_of_shards"])
+    def state(self) -> dict:
+        return {"dali_checkpoint": self._pipeline.checkpoint(), "reader_epoch": self._reader_epoch}
 
-    def rank(self) -> int:
-        return (self.pipe.shard_id + self._reader_epoch) % self.pipe.num_shards
+    def restore(self, state: dict) -> None:
+        if "dali_checkpoint" not in state:
+            raise ValueError("the checkpoint holds no DALI state (taken with backend='cpu'?)")
+        self._pipeline = self._build(state["dali_checkpoint"])
+        self._reader_epoch = int(state["reader_epoch"])
 
-    def _owned(self, tensors, name: str, epoch: int, batch: int):
+    def _owned(self, tensors):
         if self.pipe.device == "cpu":
             return tensors.as_array()
         import cupy  # GPU only: copy out of DALI's buffer into a CuPy array we own
@@ -156,29 +180,30 @@ class DALIBackend:
                                 non_blocking=True)  # fmt: skip
         return out
 
+    def _run_once(self, epoch: int, batch: int):
+        try:
+            return self._pipeline.run()
+        except RuntimeError as exc:
+            pipe = self.pipe
+            raise RuntimeError(
+                f"DALI failed on batch {batch} of epoch {epoch} (rank {pipe.shard_id} of "
+                f"{pipe.num_shards}): {_dali_reason(exc)}; backend='cpu' names the record "
+                "and can skip it (on_error='skip')"
+            ) from exc
+
     def run_epoch(self, epoch: int, start: int):
         """Yield (data, labels, real count) for batches ``start..`` of this epoch.
 
-        DALI's reader epoch always runs to its end (``ceil(max share / batch)`` runs) so
-        the next epoch starts at a shard boundary; with ``last_batch="drop"`` the tail
-        batches are run and not handed out.
+        A DALI reader epoch always runs to its end (``ceil(max share / batch)`` runs), so
+        the next one starts at a shard boundary: with ``last_batch="drop"`` the tail runs
+        happen before the last batch is handed out, so a checkpoint taken after it is at
+        the start of the next epoch.
         """
         pipe = self.pipe
-        if start:
-            raise NotImplementedError("the DALI backend resumes at epoch boundaries only")
-        rank = self.rank()
-        for b in range(self._reader_batches):
-            try:
-                images, labels = self._pipeline.run()
-            except RuntimeError as exc:
-                raise RuntimeError(
-                    f"DALI failed on batch {b} of epoch {epoch} (rank {pipe.shard_id}, "
-                    f"records {pipe.dataset.paths[0].name}...): {str(exc).splitlines()[0]}; "
-                    "`backend='cpu'` names the record and can skip it (on_error='skip')"
-                ) from exc
-            if b >= len(pipe):
-                continue
-            data = self._owned(images, "data", epoch, b)
+        rank = (pipe.shard_id + self._reader_epoch) % pipe.num_shards
+        for b in range(start, len(pipe)):
+            images, labels = self._run_once(epoch, b)
+            data = self._owned(images)
             label = labels.as_array().astype(np.float32, copy=False)
             if label.ndim == 2 and label.shape[1] == 1:
                 label = label[:, 0]
@@ -186,8 +211,11 @@ class DALIBackend:
                 import cupy
 
                 label = cupy.asarray(label)
+            if b == len(pipe) - 1:
+                for tail in range(len(pipe), self._reader_batches):
+                    self._run_once(epoch, tail)
+                self._reader_epoch += 1
             yield data, label, pipe.real_count(rank, b)
-        self._reader_epoch += 1
 
     def close(self) -> None:
         del self._pipeline
