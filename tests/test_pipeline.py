@@ -317,3 +317,13 @@ def test_gpu_graph_differs_from_cpu_graph_only_in_the_decoder_device() -> None:
 def test_gpu_device_without_cuda_says_what_is_missing(colors) -> None:
     with pytest.raises(ImportError, match="device='gpu' needs CuPy"):
         Pipeline(colors, 4, device="gpu")
+
+
+@pytest.mark.parametrize("preset", ["imagenet-train", "imagenet-eval", "oxford-pets-train"])
+def test_pipeline_presets_build_and_run(colors, preset) -> None:
+    path = Path(__file__).parents[1] / "configs" / f"{preset}.yaml"
+    pipe = Pipeline.from_config(path, source=colors, batch_size=4, data_shape=(3, 32, 32),
+                                device="cpu", backend="cpu")  # fmt: skip
+    data, label = next(iter(pipe))
+    assert data.shape == (4, 3, 32, 32) and label.shape == (4,)
+    assert -3 < float(data.mean()) < 3  # normalised with the ImageNet mean and std
