@@ -129,8 +129,9 @@ class Pipeline:
         self.num_threads = num_threads or os.cpu_count() or 1
         self.prefetch = prefetch
         self.skipped = 0
-        self.epoch = 0
-        self._next_batch = 0
+        self.epoch = 0  # the epoch being read, or the next to start
+        self._next_batch = 0  # the next unseen batch of that epoch
+        self._resume = False  # set by load_state_dict: the next iter() continues self.epoch
 
         self.dataset = Dataset(resolve_source(source))
         n = len(self.dataset)
@@ -227,8 +228,14 @@ class Pipeline:
         return max(0, min(self.batch_size, hi - lo - batch * self.batch_size))
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, start = self.epoch, self._next_batch
-        self.epoch, self._next_batch = epoch + 1, 0  # the next iter() starts the next epoch
+        """One epoch: the next one, or the rest of the one a checkpoint was taken in."""
+        if self._resume:
+            epoch, start = self.epoch, self._next_batch
+        elif self._next_batch:  # the last epoch was left unfinished: start the next
+            epoch, start = self.epoch + 1, 0
+        else:
+            epoch, start = self.epoch, 0
+        self._resume = False
         return self._run(epoch, start)
 
     def _run(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -243,8 +250,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Where the next ``iter()`` resumes: the epoch, the next unseen batch, and the
-        backend's own state (DALI's checkpoint; nothing for the CPU backend, whose
+        """Where a Pipeline given this state resumes: the epoch, the next unseen batch, and
+        the backend's own state (DALI's checkpoint; nothing for the CPU backend, whose
         batches follow from the seed)."""
         return {
             "epoch": self.epoch,
@@ -262,6 +269,7 @@ class Pipeline:
             raise ValueError(f"checkpoint batch {batch} is outside 0..{self._batches - 1}")
         self.backend.restore(state.get("backend") or {})
         self.epoch, self._next_batch = int(state["epoch"]), batch
+        self._resume = True
 
     def close(self) -> None:
         self.backend.close()

@@ -247,8 +247,11 @@ def test_bad_record_named_or_skipped_on_cpu(tmp_path) -> None:
     with pytest.raises(ValueError, match="on_error='skip' needs backend='cpu'"):
         cpu_pipe(rec, 4, backend="dali", on_error="skip")
     dali = cpu_pipe(rec, 4, (3, 16, 16), backend="dali", shuffle=False, train=False)
-    with pytest.raises(RuntimeError, match=r"DALI failed on batch 0 of epoch 0 \(rank 0 of 1\)"):
+    with pytest.raises(
+        RuntimeError, match=r"DALI failed on batch 0 of epoch 0 \(rank 0 of 1\)"
+    ) as err:
         list(dali)
+    assert f"suspect: {rec} record 2 at byte {offset}: truncated JPEG" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -327,3 +330,19 @@ def test_pipeline_presets_build_and_run(colors, preset) -> None:
     data, label = next(iter(pipe))
     assert data.shape == (4, 3, 32, 32) and label.shape == (4,)
     assert -3 < float(data.mean()) < 3  # normalised with the ImageNet mean and std
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_abandoned_epoch_does_not_shift_the_next(tmp_path, backend) -> None:
+    shards = numbered_shards(tmp_path)  # 21 records
+    pipe = cpu_pipe(shards, 3, backend=backend, shard_id=1, num_shards=3, last_batch="pad")
+    first = set(epoch_labels(pipe))
+    it = iter(pipe)
+    next(it)  # leave epoch 1 after one batch
+    del it
+    third = epoch_labels(pipe)
+    assert len(third) == 7 and len(set(third)) == 7
+    if backend == "cpu":
+        assert set(third) <= set(range(21))
+    else:  # DALI moves the rank to the next shard every epoch: epoch 2 reads shard 0
+        assert first == set(range(7, 14)) and set(third) == set(range(7))

@@ -135,6 +135,7 @@ class DALIBackend:
         shard_max = -(-meta["epoch_size_padded"] // meta["number_of_shards"])
         self._reader_batches = -(-shard_max // pipe.batch_size)  # one DALI reader epoch
         self._reader_epoch = 0  # the reader moves a rank to the next shard every epoch
+        self._position = 0  # runs done in the current reader epoch
 
     def _build(self, checkpoint: bytes | None = None):
         from nvidia.dali import fn, pipeline_def, types
@@ -161,13 +162,18 @@ class DALIBackend:
         return pipeline
 
     def state(self) -> dict:
-        return {"dali_checkpoint": self._pipeline.checkpoint(), "reader_epoch": self._reader_epoch}
+        return {
+            "dali_checkpoint": self._pipeline.checkpoint(),
+            "reader_epoch": self._reader_epoch,
+            "position": self._position,
+        }
 
     def restore(self, state: dict) -> None:
         if "dali_checkpoint" not in state:
             raise ValueError("the checkpoint holds no DALI state (taken with backend='cpu'?)")
         self._pipeline = self._build(state["dali_checkpoint"])
         self._reader_epoch = int(state["reader_epoch"])
+        self._position = int(state["position"])
 
     def _owned(self, tensors):
         if self.pipe.device == "cpu":
@@ -181,25 +187,48 @@ class DALIBackend:
         return out
 
     def _run_once(self, epoch: int, batch: int):
+        """One DALI run; a failure names the batch, the rank, and the first record of the
+        rank's share whose header shows it cannot be an image, when one does."""
         try:
-            return self._pipeline.run()
+            outputs = self._pipeline.run()
         except RuntimeError as exc:
             pipe = self.pipe
             raise RuntimeError(
                 f"DALI failed on batch {batch} of epoch {epoch} (rank {pipe.shard_id} of "
-                f"{pipe.num_shards}): {_dali_reason(exc)}; backend='cpu' names the record "
-                "and can skip it (on_error='skip')"
+                f"{pipe.num_shards}): {_dali_reason(exc)}{self._suspect()}; backend='cpu' "
+                "can skip bad records (on_error='skip')"
             ) from exc
+        self._position += 1
+        if self._position == self._reader_batches:
+            self._position, self._reader_epoch = 0, self._reader_epoch + 1
+        return outputs
+
+    def _suspect(self) -> str:
+        from gpurec.pipeline import rank_range
+        from gpurec.recordio import RecordIOError, unpack
+        from gpurec.transcode import ImageError, sniff
+
+        pipe, dataset = self.pipe, self.pipe.dataset
+        rank = (pipe.shard_id + self._reader_epoch) % pipe.num_shards
+        for i in range(*rank_range(len(dataset), pipe.num_shards, rank)):
+            try:
+                sniff(unpack(dataset.read(i))[1])
+            except (ImageError, RecordIOError) as exc:
+                return f"; suspect: {dataset.where(i)}: {exc}"
+        return ""
 
     def run_epoch(self, epoch: int, start: int):
         """Yield (data, labels, real count) for batches ``start..`` of this epoch.
 
         A DALI reader epoch always runs to its end (``ceil(max share / batch)`` runs), so
-        the next one starts at a shard boundary: with ``last_batch="drop"`` the tail runs
+        the next one starts at a shard boundary: the runs past ``len(pipe)`` (``"drop"``)
         happen before the last batch is handed out, so a checkpoint taken after it is at
-        the start of the next epoch.
+        the start of the next epoch; an epoch left unfinished is run out first.
         """
         pipe = self.pipe
+        if start == 0 and self._position:
+            while self._position:
+                self._run_once(epoch, -1)
         rank = (pipe.shard_id + self._reader_epoch) % pipe.num_shards
         for b in range(start, len(pipe)):
             images, labels = self._run_once(epoch, b)
@@ -212,9 +241,8 @@ class DALIBackend:
 
                 label = cupy.asarray(label)
             if b == len(pipe) - 1:
-                for tail in range(len(pipe), self._reader_batches):
-                    self._run_once(epoch, tail)
-                self._reader_epoch += 1
+                while self._position:
+                    self._run_once(epoch, b + 1)
             yield data, label, pipe.real_count(rank, b)
 
     def close(self) -> None:
