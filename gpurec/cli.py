@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -231,6 +232,154 @@ def im2rec(ctx: typer.Context) -> None:
     typer.echo(summary.line())
 
 
+@app.command(
+    epilog="Examples:\n\n  gpurec info out/imagenet_train\n\n  gpurec info 'out/*.rec' --json"
+)
+def info(
+    source: Annotated[str, typer.Argument(help="A .rec, a shard prefix, or a glob.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    sample: Annotated[int, typer.Option(help="Records sampled for image sizes.")] = 200,
+) -> None:
+    """Records, shards, bytes, label histogram, header kind and image sizes of a dataset."""
+    from gpurec.inspection import info as dataset_info
+
+    with _errors(), _progress("reading headers") as (_, advance):
+        result = dataset_info(source, sample=sample, progress=advance)
+    if as_json:
+        typer.echo(result.to_json())
+        return
+    show = Console(highlight=False, soft_wrap=True)
+    for shard in result.shards:
+        indexed = "" if shard["indexed"] else " (no .idx: offsets found by walking the file)"
+        show.print(
+            f"shard   {shard['path']}: {shard['records']} records, "
+            f"{shard['bytes']:,} bytes{indexed}"
+        )
+    show.print(f"labels  {result.label_kind}; by {'class' if result.classes else 'label'}:")
+    for name, count in result.labels.items():
+        show.print(f"        {name}: {count}")
+    sample_ = result.sample
+    if sample_.get("width"):
+        w, h = sample_["width"], sample_["height"]
+        show.print(
+            f"images  ({sample_['records']} sampled) {sample_['formats']}; "
+            f"width {w['min']}..{w['median']:g}..{w['max']}, "
+            f"height {h['min']}..{h['median']:g}..{h['max']}"
+        )
+    typer.echo(
+        f"{result.records} records in {len(result.shards)} shard(s), {result.bytes / 1e6:.1f} MB, "
+        f"{len(result.labels)} label value(s), {result.label_kind}"
+    )
+
+
+@app.command(epilog="Example:\n\n  gpurec verify out/imagenet_train && echo intact")
+def verify(
+    source: Annotated[str, typer.Argument(help="A .rec, a shard prefix, or a glob.")],
+    workers: Annotated[int, typer.Option(help="Decoding threads. [default: all cores]")] = 0,
+    show_max: Annotated[int, typer.Option("--show", help="Bad records to list.")] = 50,
+) -> None:
+    """Check every frame, the .idx against the .rec, and that every image decodes.
+
+    Exit code 0: intact; 1: bad records (listed); 2: could not check.
+    """
+    from gpurec.dataset import resolve_source
+    from gpurec.inspection import verify as verify_dataset
+    from gpurec.recordio import RecordReader
+
+    with _errors():
+        recs = resolve_source(source)
+        total = 0
+        for rec in recs:
+            try:
+                with RecordReader(rec) as reader:
+                    total += len(reader)
+            except RecordIOError:
+                pass  # verify itself reports what is wrong with this shard
+        with _progress("verifying") as (set_total, advance):
+            set_total(total or None)
+            report = verify_dataset(recs, workers=workers, progress=advance)
+    show = Console(highlight=False, soft_wrap=True)
+    for bad in report.bad[:show_max]:
+        index = "-" if bad.index is None else str(bad.index)
+        show.print(f"[red]bad[/]  {bad.shard}  index {index}  offset {bad.offset}  {bad.reason}")
+    if len(report.bad) > show_max:
+        show.print(f"... and {len(report.bad) - show_max} more")
+    verdict = "intact" if report.ok else f"{len(report.bad)} problem(s)"
+    typer.echo(f"verified {report.records} records in {len(recs)} shard(s): {verdict}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example:\n\n  gpurec index out/imagenet_train-00003-of-00064.rec")
+def index(
+    rec: Annotated[Path, typer.Argument(help="The .rec whose index to rebuild.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="[default: the .idx beside REC]")
+    ] = None,
+    keys: Annotated[str, typer.Option(help="'id' (IRHeader ids, as im2rec) or 'position'.")] = "id",
+) -> None:
+    """Rebuild a lost or wrong .idx by scanning the .rec."""
+    from gpurec.recordio import rebuild_idx
+
+    with _errors():
+        if keys not in ("id", "position"):
+            raise ValueError(f"--keys must be 'id' or 'position', got {keys!r}")
+        if not rec.is_file():
+            raise FileNotFoundError(f"record file not found: {rec}")
+        start = time.perf_counter()
+        path = rebuild_idx(rec, output, keys=keys)  # type: ignore[arg-type]
+        lines = len(path.read_text().splitlines())
+    typer.echo(f"wrote {path}: {lines} records indexed in {time.perf_counter() - start:.2f} s")
+
+
+@app.command(
+    epilog="Examples:\n\n  gpurec show out/pets_train -o grid.png\n\n"
+    "  gpurec show out/pets_train -o five.png -n 5 --config configs/oxford-pets-train.yaml"
+)
+def show(
+    source: Annotated[str, typer.Argument(help="A .rec, a shard prefix, or a glob.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path(
+        "grid.png"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="Pipeline preset (YAML) to show the effect of.")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Images in the grid.")] = 16,
+    raw: Annotated[bool, typer.Option("--raw", help="Bare tiles, no captions.")] = False,
+    seed: Annotated[int, typer.Option(help="Pipeline seed.")] = 0,
+    device: Annotated[str, typer.Option(help="'cpu' or 'gpu'.")] = "cpu",
+) -> None:
+    """A PNG grid of samples as the Pipeline produces them, captioned with class names."""
+    from gpurec.config import load_config
+    from gpurec.grid import batch_images, tile, write_grid
+    from gpurec.inspection import find_classes
+    from gpurec.pipeline import Pipeline
+
+    with _errors():
+        if n < 1:
+            raise ValueError(f"-n must be >= 1, got {n}")
+        options = load_config(config) if config else {}
+        options.update(source=source, batch_size=n, seed=seed, device=device,
+                       last_batch="partial", num_shards=1, shard_id=0)  # fmt: skip
+        options.pop("backend", None)
+        pipe = Pipeline.from_config_dict(options, str(config or "show"))
+        batch = next(iter(pipe))
+        images = batch_images(batch.data, pipe.spec)
+        labels = np.asarray(batch.label.get() if hasattr(batch.label, "get") else batch.label)
+        classes = find_classes(pipe.dataset.paths[0])
+        captions = None
+        if not raw:
+            firsts = labels if labels.ndim == 1 else labels[:, 0]
+            captions = [
+                classes[int(v)] if classes and float(v).is_integer() and 0 <= v < len(classes)
+                else f"{v:g}"
+                for v in firsts
+            ]  # fmt: skip
+        path = write_grid(output, tile(images, captions))
+        pipe.close()
+    typer.echo(f"wrote {path}: {len(images)} images of {images.shape[1]}x{images.shape[2]}")
+
+
 def _best_device() -> str:
     """'gpu' when CuPy sees a CUDA device and DALI is installed, else 'cpu'."""
     try:
@@ -304,8 +453,20 @@ def demo(
                     advance(len(batch.label))
         seconds = time.perf_counter() - start
         show.print(
-            f"loaded {seen} augmented images ({epochs} epochs, batch {train.batch_size}, "
-            f"{tuple(batch.data.shape[1:])}) with {type(train.backend).__name__} on {device}: "
-            f"{seen / seconds:.0f} images/s"
+            f"loaded:    {seen} augmented images ({epochs} epochs, batch {train.batch_size}, "
+            f"{tuple(batch.data.shape[1:])}) with {type(train.backend).__name__} on {device}"
+        )
+        from gpurec.grid import batch_images, tile, write_grid
+
+        names = summary.classes
+        labels = np.asarray(batch.label.get() if hasattr(batch.label, "get") else batch.label)
+        grid = write_grid(
+            out / "grid.png",
+            tile(batch_images(batch.data, train.spec), [names[int(v)] for v in labels]),
         )
         train.close()
+    show.print(f"grid:      {grid} (the last batch, as the model sees it)")
+    show.print(
+        f"demo: packed {summary.images} images ({len(summary.skipped)} skipped), then loaded "
+        f"{seen} augmented images at {seen / seconds:.0f} images/s on {device}"
+    )

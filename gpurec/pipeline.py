@@ -18,6 +18,7 @@ reader shuffles within a buffer and moves each rank to the next shard every epoc
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -184,21 +185,23 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike, **overrides: Any) -> Pipeline:
-        """A Pipeline from a YAML preset (keys: this constructor's keyword names)."""
+        """A Pipeline from a YAML preset (keys: this constructor's keyword names);
+        ``overrides`` win over the file."""
         from gpurec.config import load_config
 
-        options = {**load_config(path), **overrides}
-        allowed = {
-            "source", "batch_size", "data_shape", "device", "backend", "train", "shuffle",
-            "seed", "shard_id", "num_shards", "last_batch", "on_error", "num_threads",
-            "prefetch",
-        } | AugmentSpec.names()  # fmt: skip
-        unknown = sorted(set(options) - allowed)
+        return cls.from_config_dict({**load_config(path), **overrides}, str(path))
+
+    @classmethod
+    def from_config_dict(cls, options: dict[str, Any], origin: str = "config") -> Pipeline:
+        """A Pipeline from a mapping of keyword names; unknown names are an error."""
+        options = dict(options)
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "augment"}
+        unknown = sorted(set(options) - allowed - AugmentSpec.names())
         if unknown:
-            raise ValueError(f"{path}: unknown Pipeline option(s): {', '.join(unknown)}")
+            raise ValueError(f"{origin}: unknown Pipeline option(s): {', '.join(unknown)}")
         missing = [k for k in ("source", "batch_size") if k not in options]
         if missing:
-            raise ValueError(f"{path}: give {' and '.join(missing)} in the file or as arguments")
+            raise ValueError(f"{origin}: give {' and '.join(missing)} in the file or as arguments")
         return cls(options.pop("source"), options.pop("batch_size"), **options)
 
     # -------------------------------------------------------------------- iteration

@@ -413,6 +413,17 @@ class RecordReader:
         except KeyError:
             raise KeyError(f"no record with key {key} in {self.idx_path or self.path}") from None
 
+    def head(self, i: int, n: int = IR_SIZE) -> bytes:
+        """The first ``n`` bytes of record ``i`` (its IRHeader by default), read from the
+        first frame alone when it is long enough: header scans skip the image bytes."""
+        offset = int(self.offsets[i])
+        if offset + 8 <= self.size:
+            magic, lrec = _FRAME.unpack_from(self._mm, offset)
+            whole = lrec >> 29 in (0, 1) and (lrec & _LEN_MASK) >= n
+            if magic == MAGIC and whole and offset + 8 + n <= self.size:
+                return self._mm[offset + 8 : offset + 8 + n]
+        return self[i][:n]
+
     def unpack(self, i: int) -> tuple[IRHeader, bytes]:
         """Record ``i`` split into its IRHeader and payload; errors name file and offset."""
         record = self[i]

@@ -1,0 +1,61 @@
+"""A picture of what the Pipeline feeds the model: a grid of its output images.
+
+Undoes the normalisation and layout of a batch, tiles the images, and writes a PNG,
+each tile captioned with its class name (or bare, ``raw=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from gpurec.augment import AugmentSpec
+
+__all__ = ["CAPTION", "batch_images", "tile", "write_grid"]
+
+CAPTION = 18  # pixels of caption strip under each tile
+
+
+def batch_images(data, spec: AugmentSpec) -> np.ndarray:
+    """A batch as the Pipeline gave it -> (N, H, W, 3) uint8 RGB, as the eye sees it."""
+    array = np.asarray(data.get() if hasattr(data, "get") else data, dtype=np.float32)  # CuPy
+    if spec.layout == "NCHW":
+        array = array.transpose(0, 2, 3, 1)
+    array = array * np.array(spec.std, np.float32) + np.array(spec.mean, np.float32)
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def tile(images: np.ndarray, captions: Sequence[str] | None = None, cols: int = 0) -> np.ndarray:
+    """Tiles of (N, H, W, 3) RGB images as one BGR picture, captions under each tile."""
+    n, h, w = images.shape[:3]
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    cap = CAPTION if captions is not None else 0
+    canvas = np.full((rows * (h + cap), cols * w, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = r * (h + cap), c * w
+        canvas[y : y + h, x : x + w] = images[i][..., ::-1]
+        if captions is not None:
+            scale = 0.4
+            text = captions[i][: max(1, int(w / (12 * scale)))]
+            cv2.putText(canvas, text, (x + 2, y + h + cap - 5), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                        (0, 0, 0), 1, cv2.LINE_AA)  # fmt: skip
+    return canvas
+
+
+def write_grid(path: str | Path, picture: np.ndarray) -> Path:
+    """Write the picture as PNG (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", picture)
+    if not ok:
+        raise ValueError(f"cannot encode a {picture.shape} picture as PNG")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.tobytes())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,239 @@
+"""What is in a dataset, and is it intact: ``gpurec info`` and ``gpurec verify``.
+
+Both take a source as the Pipeline does (a `.rec`, a prefix, a glob or a list). ``info``
+reads only IRHeaders (first frames) for the whole dataset and image headers for a
+sample; ``verify`` walks every frame, checks the `.idx` against the walk, and decodes
+every image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from gpurec.dataset import resolve_source
+from gpurec.recordio import IR_SIZE, RecordIOError, RecordReader, idx_path_for, read_idx, unpack
+from gpurec.transcode import ImageError, sniff
+
+__all__ = ["BadRecord", "DatasetInfo", "VerifyReport", "find_classes", "info", "verify"]
+
+Progress = Callable[[int], None]
+_SPLIT = re.compile(r"(-\d{5}-of-\d{5})?$")
+
+
+def find_classes(rec: Path) -> list[str] | None:
+    """Class names from the ``<prefix>.classes.json`` that ``gpurec pack`` wrote beside
+    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``)."""
+    stem = _SPLIT.sub("", rec.stem)
+    for candidate in (stem, re.sub(r"_(train|val|test)$", "", stem)):
+        path = rec.with_name(candidate + ".classes.json")
+        if path.is_file():
+            classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
+            if isinstance(classes, list):
+                return [str(c) for c in classes]
+    return None
+
+
+@dataclass
+class DatasetInfo:
+    """``gpurec info``: counts, sizes, labels and image statistics of a dataset."""
+
+    shards: list[dict]
+    records: int
+    bytes: int
+    label_kind: str  # "single" or "multi-label (k)"
+    labels: dict[str, int]  # label (or class name) -> count; first label for multi-label
+    classes: list[str] | None
+    sample: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def info(
+    source, *, sample: int = 200, seed: int = 0, progress: Progress | None = None
+) -> DatasetInfo:
+    """Records per shard, bytes, the label histogram, header flags, and image formats
+    and sizes measured on ``sample`` records drawn at random."""
+    recs = resolve_source(source)
+    shards, flags, firsts, readers = [], Counter(), Counter(), []
+    for rec in recs:
+        idx = idx_path_for(rec)
+        reader = RecordReader(rec, idx if idx.is_file() else None)
+        readers.append(reader)
+        for i in range(len(reader)):
+            head = reader.head(i, IR_SIZE)
+            if len(head) < IR_SIZE:
+                raise RecordIOError(
+                    f"record {i} has no IRHeader", rec, offset=int(reader.offsets[i])
+                )
+            flag = int.from_bytes(head[:4], "little")
+            flags[flag] += 1
+            if flag == 0:
+                firsts[float(np.frombuffer(head, "<f4", 1, 4)[0])] += 1
+            else:
+                firsts[float(np.frombuffer(reader.head(i, IR_SIZE + 4), "<f4", 1, IR_SIZE)[0])] += 1
+            if progress is not None:
+                progress(1)
+        shards.append({"path": str(rec), "records": len(reader), "bytes": reader.size,
+                       "indexed": reader.idx_path is not None})  # fmt: skip
+    classes = find_classes(recs[0])
+
+    def name(label: float) -> str:
+        if classes and label.is_integer() and 0 <= int(label) < len(classes):
+            return classes[int(label)]
+        return f"{label:g}"
+
+    kinds = sorted(flags)
+    label_kind = "single" if kinds == [0] else "multi-label (" + ", ".join(map(str, kinds)) + ")"
+    total = sum(s["records"] for s in shards)
+    rng = random.Random(seed)
+    picks = sorted(rng.sample(range(total), min(sample, total)))
+    starts = np.cumsum([0] + [s["records"] for s in shards])
+    widths, heights, formats = [], [], Counter()
+    for g in picks:
+        k = int(np.searchsorted(starts, g, side="right")) - 1
+        payload = unpack(readers[k][g - int(starts[k])])[1]
+        try:
+            image = sniff(payload)
+        except ImageError as exc:
+            formats[f"bad: {exc}"] += 1
+            continue
+        formats[image.format] += 1
+        if image.width is None:
+            decoded = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+            if decoded is None:
+                continue
+            image_h, image_w = decoded.shape[:2]
+        else:
+            image_w, image_h = image.width, image.height
+        widths.append(image_w)
+        heights.append(image_h)
+    for reader in readers:
+        reader.close()
+
+    def stats(values: list[int]) -> dict:
+        if not values:
+            return {}
+        return {"min": int(np.min(values)), "median": float(np.median(values)),
+                "max": int(np.max(values))}  # fmt: skip
+
+    return DatasetInfo(
+        shards=shards,
+        records=total,
+        bytes=sum(s["bytes"] for s in shards),
+        label_kind=label_kind,
+        labels={name(label): count for label, count in sorted(firsts.items())},
+        classes=classes,
+        sample={
+            "records": len(picks),
+            "formats": dict(formats),
+            "width": stats(widths),
+            "height": stats(heights),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    shard: str
+    index: int | None  # position in the shard's .idx (None: found by walking the frames)
+    offset: int
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    bad: list[BadRecord] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def _decode_problem(record: bytes) -> str | None:
+    try:
+        payload = unpack(record)[1]
+        info_ = sniff(payload)
+    except (RecordIOError, ImageError) as exc:
+        return str(exc.reason if isinstance(exc, RecordIOError) else exc)
+    flags = cv2.IMREAD_REDUCED_COLOR_8 if info_.format == "jpeg" else cv2.IMREAD_COLOR
+    try:  # reduced decoding still runs the whole entropy decoder over the data
+        image = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
+    except cv2.error as exc:
+        return f"does not decode: {str(exc).strip().splitlines()[-1]}"
+    return None if image is not None else f"does not decode ({info_.format})"
+
+
+def _walk(rec: Path) -> tuple[list[int], RecordIOError | None]:
+    """Offsets of the records found by walking the frames, and what stopped the walk."""
+    offsets: list[int] = []
+    with RecordReader(rec, idx_path=None) as reader:
+        try:
+            for offset, _ in reader.scan(payloads=False):
+                offsets.append(offset)
+        except RecordIOError as exc:
+            return offsets, exc
+    return offsets, None
+
+
+def verify(
+    source: str | os.PathLike | Sequence, *, workers: int = 0, progress: Progress | None = None
+) -> VerifyReport:
+    """Check every shard: frames, `.idx` against the frames, and every image decoding."""
+    report = VerifyReport()
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        for rec in resolve_source(source):
+            walked, broken = _walk(rec)
+            complete = broken is None
+            idx = idx_path_for(rec)
+            offsets: list[int] = walked
+            if not idx.is_file():
+                report.bad.append(BadRecord(str(rec), None, 0, f"no index {idx.name}"))
+            else:
+                try:
+                    offsets = read_idx(idx)[1].tolist()
+                except RecordIOError as exc:
+                    report.bad.append(BadRecord(str(rec), None, 0, f"{idx.name}: {exc.reason}"))
+                walked_set, indexed = set(walked), set(offsets)
+                for i, offset in enumerate(offsets):
+                    if offset not in walked_set and (complete or offset < walked[-1]):
+                        reason = f"{idx.name} entry points at no record start"
+                        report.bad.append(BadRecord(str(rec), i, offset, reason))
+                for offset in walked:
+                    if offset not in indexed:
+                        reason = f"record missing from {idx.name}"
+                        report.bad.append(BadRecord(str(rec), None, offset, reason))
+            if broken is not None:
+                at = broken.offset or 0
+                position = offsets.index(at) if at in offsets else None
+                report.bad.append(BadRecord(str(rec), position, at, broken.reason))
+            reported = {b.offset for b in report.bad if b.shard == str(rec)}
+            with RecordReader(rec, idx_path=None) as reader:
+
+                def check(item: tuple[int, int], reader=reader) -> tuple[int, int, str | None]:
+                    i, offset = item
+                    try:
+                        return i, offset, _decode_problem(reader.read_at(offset)[0])
+                    except RecordIOError as exc:
+                        return i, offset, exc.reason
+
+                for i, offset, problem in pool.map(check, enumerate(offsets)):
+                    report.records += 1
+                    if problem is not None and offset not in reported:
+                        report.bad.append(BadRecord(str(rec), i, offset, problem))
+                    if progress is not None:
+                        progress(1)
+    return report
