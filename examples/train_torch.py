@@ -2,7 +2,7 @@
 
     python examples/train_torch.py out/pets_train --classes 37 --epochs 10
     torchrun --nproc-per-node 4 examples/train_torch.py out/imagenet_train --classes 1000
-    python examples/train_torch.py demo-out/sample_train --classes 3 --device cpu --steps 5
+    python examples/train_torch.py demo-out/sample_train --classes 3 --device cpu --batch-size 16
 
 The Pipeline reads RANK/WORLD_SIZE itself, so under torchrun every process gets its own
 disjoint part of each epoch and the same number of batches (DDP needs that). Batches
@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    torch.manual_seed(args.seed)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -66,7 +68,7 @@ def main() -> None:
 
     pipe = gpurec.Pipeline(
         args.source, args.batch_size, (3, args.size, args.size),
-        device=args.device, mean=MEAN, std=STD, rand_mirror=True,
+        device=args.device, mean=MEAN, std=STD, rand_mirror=True, seed=args.seed,
     )  # fmt: skip
     model = small_cnn(args.classes).to(device)
     if world > 1:

@@ -85,9 +85,9 @@ def test_training_example_learns_on_cpu(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train_torch.py"), str(tmp_path / "ds"),
          "--classes", "3", "--device", "cpu", "--size", "48", "--batch-size", "16",
-         "--epochs", "3"],
+         "--epochs", "8", "--lr", "0.01"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", res.stdout)]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < losses[0] - 0.1  # it learns
