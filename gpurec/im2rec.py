@@ -29,6 +29,8 @@ def build_parser(prog: str = "gpurec im2rec") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Create an image list or make a record database by reading from an "
         "image list (MXNet im2rec.py compatible).",
+        epilog="examples: gpurec im2rec data/pets images/ --list --recursive --train-ratio 0.8; "
+        "gpurec im2rec data/pets images/ --resize 256 --num-thread 2",
     )
     parser.add_argument("prefix", help="prefix of input/output lst and rec files.")
     parser.add_argument("root", help="path to folder containing images.")
