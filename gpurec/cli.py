@@ -50,7 +50,7 @@ def _errors() -> Iterator[None]:
     """Errors become one red line and exit code 2 (a traceback only with --debug)."""
     try:
         yield
-    except (RecordIOError, ValueError, OSError) as exc:
+    except (RecordIOError, ValueError, OSError, RuntimeError) as exc:
         if _state["debug"]:
             raise
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)

@@ -22,7 +22,15 @@ import cv2
 import numpy as np
 
 from gpurec.dataset import resolve_source
-from gpurec.recordio import IR_SIZE, RecordIOError, RecordReader, idx_path_for, read_idx, unpack
+from gpurec.recordio import (
+    IR_SIZE,
+    RecordIOError,
+    RecordReader,
+    idx_path_for,
+    read_idx,
+    read_lst,
+    unpack,
+)
 from gpurec.transcode import ImageError, sniff
 
 __all__ = ["BadRecord", "DatasetInfo", "VerifyReport", "find_classes", "info", "verify"]
@@ -162,18 +170,26 @@ class VerifyReport:
         return not self.bad
 
 
-def _decode_problem(record: bytes) -> str | None:
+def _record_problem(record: bytes, listed: dict[int, tuple[float, ...]] | None) -> str | None:
+    """Why a record is bad (header, labels against the `.lst`, image), or None."""
     try:
-        payload = unpack(record)[1]
-        info_ = sniff(payload)
+        header, payload = unpack(record)
+        image = sniff(payload)
     except (RecordIOError, ImageError) as exc:
         return str(exc.reason if isinstance(exc, RecordIOError) else exc)
-    flags = cv2.IMREAD_REDUCED_COLOR_8 if info_.format == "jpeg" else cv2.IMREAD_COLOR
+    if listed is not None:  # RecordIO has no checksums: the .lst is the witness of labels
+        want = listed.get(header.id)
+        got = np.atleast_1d(np.asarray(header.label, np.float32))
+        if want is None:
+            return f"id {header.id} is not in the .lst"
+        if not np.array_equal(got, np.float32(want[: len(got)] if len(got) == 1 else want)):
+            return f"label {got.tolist()} differs from the .lst's {list(want)} for id {header.id}"
+    flags = cv2.IMREAD_REDUCED_COLOR_8 if image.format == "jpeg" else cv2.IMREAD_COLOR
     try:  # reduced decoding still runs the whole entropy decoder over the data
-        image = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
+        decoded = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
     except cv2.error as exc:
         return f"does not decode: {str(exc).strip().splitlines()[-1]}"
-    return None if image is not None else f"does not decode ({info_.format})"
+    return None if decoded is not None else f"does not decode ({image.format})"
 
 
 def _walk(rec: Path) -> tuple[list[int], RecordIOError | None]:
@@ -191,7 +207,8 @@ def _walk(rec: Path) -> tuple[list[int], RecordIOError | None]:
 def verify(
     source: str | os.PathLike | Sequence, *, workers: int = 0, progress: Progress | None = None
 ) -> VerifyReport:
-    """Check every shard: frames, `.idx` against the frames, and every image decoding."""
+    """Check every shard: frames, `.idx` against the frames, labels and ids against the
+    `.lst` beside the shard when there is one, and every image decoding."""
     report = VerifyReport()
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:
@@ -220,13 +237,22 @@ def verify(
                 at = broken.offset or 0
                 position = offsets.index(at) if at in offsets else None
                 report.bad.append(BadRecord(str(rec), position, at, broken.reason))
+            listed = None
+            lst = rec.with_suffix(".lst")
+            if lst.is_file():
+                try:
+                    listed = {e.index: e.labels for e in read_lst(lst)}
+                except RecordIOError as exc:
+                    report.bad.append(BadRecord(str(rec), None, 0, f"{lst.name}: {exc}"))
             reported = {b.offset for b in report.bad if b.shard == str(rec)}
             with RecordReader(rec, idx_path=None) as reader:
 
-                def check(item: tuple[int, int], reader=reader) -> tuple[int, int, str | None]:
+                def check(
+                    item: tuple[int, int], reader=reader, listed=listed
+                ) -> tuple[int, int, str | None]:
                     i, offset = item
                     try:
-                        return i, offset, _decode_problem(reader.read_at(offset)[0])
+                        return i, offset, _record_problem(reader.read_at(offset)[0], listed)
                     except RecordIOError as exc:
                         return i, offset, exc.reason
 

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
 from itertools import islice
 from multiprocessing import get_context
@@ -206,7 +207,13 @@ def _in_order(
         for _ in range(workers * ahead):
             submit()
         while pending:
-            done = pending.popleft().result()
+            try:
+                done = pending.popleft().result()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    "a pack worker process died (killed, or out of memory); nothing partial "
+                    "is left under a final name: run the same command again"
+                ) from None
             submit()
             yield from done
     finally:
@@ -276,18 +283,24 @@ def write_report(path: Path, skipped: Sequence[tuple[str, str]]) -> Path | None:
     if not skipped:
         path.unlink(missing_ok=True)
         return None
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
-        f.write("path\treason\n")
-        f.writelines(f"{_tsv_field(p)}\t{_tsv_field(r)}\n" for p, r in skipped)
-    os.replace(tmp, path)
+    lines = ["path\treason\n"] + [f"{_tsv_field(p)}\t{_tsv_field(r)}\n" for p, r in skipped]
+    _write_text(path, "".join(lines))
     return path
 
 
-def _write_json(path: Path, obj: object) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary name; on any failure nothing is left behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace", newline="\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    _write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 # -------------------------------------------------------------------------------- pack
@@ -308,6 +321,22 @@ def _even_chunks(entries: list[ListEntry], n: int) -> list[list[ListEntry]]:
     return [entries[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
+def unique_indices(entries: Iterable[ListEntry]) -> tuple[list[ListEntry], list[tuple[str, str]]]:
+    """Entries with their first use of each `.lst` index, and the later ones as skips:
+    two records under one `.idx` key would make lookups by key ambiguous."""
+    first: dict[int, str] = {}
+    kept, skipped = [], []
+    for entry in entries:
+        if entry.index in first:
+            skipped.append(
+                (entry.path, f"duplicate index {entry.index} (first: {first[entry.index]})")
+            )
+        else:
+            first[entry.index] = entry.path
+            kept.append(entry)
+    return kept, skipped
+
+
 def _listing(root: Path, opts: PackOptions) -> Listing:
     if opts.lst is None:
         return list_images(
@@ -317,9 +346,9 @@ def _listing(root: Path, opts: PackOptions) -> Listing:
             label_from_name=opts.label_from_name,
             follow_links=opts.follow_links,
         )
-    entries = list(read_lst(opts.lst))
+    entries, skipped = unique_indices(read_lst(opts.lst))
     labels = sorted({int(e.labels[0]) for e in entries if e.labels})
-    return Listing(entries, [str(label) for label in labels])
+    return Listing(entries, [str(label) for label in labels], skipped)
 
 
 def pack(
@@ -407,7 +436,8 @@ def pack_lists(
     start = time.perf_counter()
     total = PackSummary()
     for lst in map(Path, lists):
-        job = ShardJob(lst.with_suffix(""), list(read_lst(lst)), write_lst=False)
+        entries, duplicates = unique_indices(read_lst(lst))
+        job = ShardJob(lst.with_suffix(""), entries, write_lst=False)
         done = write_shards(
             root,
             [job],
@@ -417,6 +447,7 @@ def pack_lists(
             workers=workers,
             progress=progress,
         )
+        done.skipped[:0] = duplicates
         write_report(lst.with_suffix(".skipped.tsv"), done.skipped)
         total.images += done.images
         total.bytes += done.bytes

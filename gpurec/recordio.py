@@ -25,6 +25,7 @@ An `.idx` file has one ``key<TAB>byte offset`` line per record; a `.lst` file ha
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -225,13 +226,15 @@ class RecordWriter:
         """Flush, fsync and move the outputs to their final names."""
         if self._file.closed:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if self._idx is not None:
-            self._idx.flush()
-            os.fsync(self._idx.fileno())
-            self._idx.close()
+        try:
+            for handle in (self._file, self._idx):
+                if handle is not None:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    handle.close()
+        except BaseException:  # disk full at the last moment: leave no temporary behind
+            self.abort()
+            raise
         # Drop the old .rec first, then place the .idx, then the .rec: at every instant a
         # .rec under its final name has its own .idx beside it, never a stale one.
         if self._idx_tmp is not None:
@@ -243,7 +246,8 @@ class RecordWriter:
         """Drop everything written: the temporary files are removed, finals untouched."""
         for handle, tmp in ((self._file, self._tmp), (self._idx, self._idx_tmp)):
             if handle is not None:
-                handle.close()
+                with contextlib.suppress(OSError):  # closing flushes, which may fail again
+                    handle.close()
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
 
@@ -517,8 +521,12 @@ def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
 def write_idx(path: PathLike, keys: Iterable[int], offsets: Iterable[int]) -> None:
     """Write an `.idx` (``key<TAB>offset`` lines), atomically."""
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets, strict=True))
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets, strict=True))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
