@@ -118,6 +118,10 @@ def pack(
     follow_links: Annotated[
         bool | None, typer.Option("--follow-links", help="Follow symlinks out of ROOT.")
     ] = None,
+    allow_outside_root: Annotated[
+        bool | None,
+        typer.Option("--allow-outside-root", help="Read absolute or '..' paths of --list."),
+    ] = None,
     shuffle: Annotated[
         bool | None, typer.Option("--shuffle/--no-shuffle", help="[default: shuffle]")
     ] = None,
@@ -174,6 +178,7 @@ def pack(
                 exts=None if exts is None else tuple(e.strip() for e in exts.split(",")),
                 lst=None if lst is None else str(lst),
                 follow_links=follow_links,
+                allow_outside_root=allow_outside_root,
                 shuffle=shuffle,
                 seed=seed,
                 train_ratio=train_ratio,

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from gpurec.listing import Listing, im2rec_chunks, list_images
+from gpurec.listing import Listing, RootRule, im2rec_chunks, list_images
 from gpurec.pack import PackSummary, pack_lists
 from gpurec.recordio import write_lst
 from gpurec.transcode import EncodeSpec
@@ -93,6 +93,13 @@ def build_parser(prog: str = "gpurec im2rec") -> argparse.ArgumentParser:
     rgroup.add_argument(
         "--pack-label", action="store_true", help="pack multi-dimensional labels too."
     )
+    extra = parser.add_argument_group("gpurec only")
+    extra.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="read .lst paths that are absolute or climb out of root with '..' (refused "
+        "by default)",
+    )
     return parser
 
 
@@ -157,7 +164,7 @@ def run(
         spec,
         pack_label=args.pack_label,
         workers=max(1, args.num_thread),
-        follow_links=True,
+        rule=RootRule(follow_links=True, allow_outside=args.allow_outside_root),
         progress=progress,
     )
     return lists, summary, None

@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_EXTS",
     "NAME_PATTERN",
     "Listing",
+    "RootRule",
     "im2rec_chunks",
     "list_images",
     "resolve_in_root",
@@ -78,19 +79,31 @@ def _walk(
     yield from visit(root, ".")
 
 
-def resolve_in_root(root: str | Path, rel: str, follow_links: bool = False) -> str:
-    """The full path of ``rel`` under ``root``; ValueError when it would leave the root.
+@dataclass(frozen=True)
+class RootRule:
+    """Which files a pack rooted at one folder may read.
 
-    Absolute paths and ``..`` are refused; so is a symlink that resolves outside the
-    root, unless ``follow_links``.
+    By default only files under the root: `.lst` paths that are absolute or climb out
+    with ``..`` are refused, and so are symlinks that resolve outside the root.
+    ``follow_links`` lets symlinks lead anywhere (and walks into linked folders);
+    ``allow_outside`` accepts any path, absolute and ``..`` ones in a `.lst` included.
     """
+
+    follow_links: bool = False
+    allow_outside: bool = False
+
+
+def resolve_in_root(root: str | Path, rel: str, rule: RootRule = RootRule()) -> str:
+    """The full path of ``rel`` under ``root``; ValueError when ``rule`` forbids it."""
+    if rule.allow_outside:
+        return os.path.join(root, rel)
     if os.path.isabs(rel) or rel.startswith(("/", "\\")):
         raise ValueError(f"absolute path refused: {rel!r} is not under the root")
     norm = os.path.normpath(rel)
     if norm == ".." or norm.startswith(".." + os.sep):
         raise ValueError(f"path escapes the root: {rel!r}")
     full = os.path.join(root, norm)
-    if not follow_links:
+    if not rule.follow_links:
         real_root = os.path.realpath(root)
         if os.path.commonpath([real_root, os.path.realpath(full)]) != real_root:
             raise ValueError(f"symlink points outside the root: {rel!r}")
@@ -146,7 +159,7 @@ def list_images(
             reason = _unlistable(path)
             if reason is None and not follow_links:
                 try:
-                    resolve_in_root(root, path)
+                    resolve_in_root(root, path, RootRule())
                 except ValueError as exc:
                     reason = str(exc).split(":")[0]
             if reason is not None:

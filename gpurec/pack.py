@@ -22,7 +22,14 @@ from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 
-from gpurec.listing import IMAGE_EXTS, Listing, list_images, resolve_in_root, split_entries
+from gpurec.listing import (
+    IMAGE_EXTS,
+    Listing,
+    RootRule,
+    list_images,
+    resolve_in_root,
+    split_entries,
+)
 from gpurec.recordio import IRHeader, ListEntry, RecordWriter, read_lst, write_lst
 from gpurec.recordio import pack as pack_record
 from gpurec.transcode import DEFAULT_MAX_PIXELS, EncodeSpec, ImageError, transcode
@@ -37,10 +44,12 @@ class PackOptions:
     """Every option of :func:`pack`; config files use these names as keys.
 
     Listing: ``exts``, ``label_from_name`` (a regex whose first group is the class, or
-    ``"default"`` for ``<class>_<number>.<ext>``), ``follow_links``, ``lst`` (pack this
-    `.lst` instead of listing the tree). Order and splits: ``shuffle``, ``seed``,
-    ``train_ratio``, ``test_ratio`` (val gets the rest). Images: as :class:`EncodeSpec`.
-    Records: ``pack_label`` (several labels of a `.lst` line as a multi-label header).
+    ``"default"`` for ``<class>_<number>.<ext>``), ``follow_links`` (symlinks may lead
+    out of the root), ``allow_outside_root`` (a `.lst` may name absolute or ``..``
+    paths), ``lst`` (pack this `.lst` instead of listing the tree). Order and splits:
+    ``shuffle``, ``seed``, ``train_ratio``, ``test_ratio`` (val gets the rest). Images:
+    as :class:`EncodeSpec`. Records: ``pack_label`` (several labels of a `.lst` line as a
+    multi-label header).
     Output: ``shards`` per split; ``num_parts``/``part`` to pack only every
     ``num_parts``-th shard starting at ``part`` (one job of a job array).
     ``workers``: processes (None: all cores).
@@ -49,6 +58,7 @@ class PackOptions:
     exts: tuple[str, ...] = IMAGE_EXTS
     label_from_name: str | None = None
     follow_links: bool = False
+    allow_outside_root: bool = False
     lst: str | None = None
     shuffle: bool = True
     seed: int = 0
@@ -155,10 +165,10 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process at a time: no oversubscription
 
 
-def _transcode_file(root: str, path: str, spec: EncodeSpec, follow_links: bool) -> bytes | str:
+def _transcode_file(root: str, path: str, spec: EncodeSpec, rule: RootRule) -> bytes | str:
     """Record image bytes for ``root/path``, or the reason it is skipped."""
     try:
-        full = resolve_in_root(root, path, follow_links)
+        full = resolve_in_root(root, path, rule)
         with open(full, "rb") as f:
             data = f.read()
         return transcode(data, spec)
@@ -169,15 +179,15 @@ def _transcode_file(root: str, path: str, spec: EncodeSpec, follow_links: bool) 
 
 
 def _transcode_batch(
-    root: str, spec: EncodeSpec, follow_links: bool, paths: list[str]
+    root: str, spec: EncodeSpec, rule: RootRule, paths: list[str]
 ) -> list[bytes | str]:
-    return [_transcode_file(root, p, spec, follow_links) for p in paths]
+    return [_transcode_file(root, p, spec, rule) for p in paths]
 
 
 def _in_order(
     root: str,
     spec: EncodeSpec,
-    follow_links: bool,
+    rule: RootRule,
     paths: Iterable[str],
     workers: int,
     batch: int = 8,
@@ -191,7 +201,7 @@ def _in_order(
     if workers <= 1:
         _init_worker()
         for path in paths:
-            yield _transcode_file(root, path, spec, follow_links)
+            yield _transcode_file(root, path, spec, rule)
         return
     context = get_context("forkserver" if os.name == "posix" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
@@ -202,7 +212,7 @@ def _in_order(
         def submit() -> None:
             chunk = list(islice(todo, batch))
             if chunk:
-                pending.append(pool.submit(_transcode_batch, root, spec, follow_links, chunk))
+                pending.append(pool.submit(_transcode_batch, root, spec, rule, chunk))
 
         for _ in range(workers * ahead):
             submit()
@@ -226,7 +236,7 @@ def write_shards(
     spec: EncodeSpec,
     *,
     pack_label: bool = False,
-    follow_links: bool = False,
+    rule: RootRule = RootRule(),
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> PackSummary:
@@ -239,7 +249,7 @@ def write_shards(
     workers = workers or os.cpu_count() or 1
     summary = PackSummary()
     paths = (entry.path for job in jobs for entry in job.entries)
-    results = _in_order(str(root), spec, follow_links, paths, workers)
+    results = _in_order(str(root), spec, rule, paths, workers)
     try:
         for job in jobs:
             job.prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -387,18 +397,18 @@ def pack(
     mine = jobs[opts.part :: opts.num_parts]
     if on_plan is not None:
         on_plan(sum(len(job.entries) for job in mine))
-    _write_json(
-        prefix.with_name(prefix.name + ".classes.json"),
-        {"classes": listing.classes, "labels_from": _labels_from(opts)},
-    )
     summary = write_shards(
         root,
         mine,
         opts.encode_spec(),
         pack_label=opts.pack_label,
-        follow_links=opts.follow_links,
+        rule=RootRule(opts.follow_links, opts.allow_outside_root),
         workers=opts.workers,
         progress=progress,
+    )
+    _write_json(  # last: a pack that failed leaves nothing under a final name
+        prefix.with_name(prefix.name + ".classes.json"),
+        {"classes": listing.classes, "labels_from": _labels_from(opts)},
     )
     summary.skipped[:0] = listing.skipped if opts.part == 0 else []
     summary.classes = listing.classes
@@ -425,7 +435,7 @@ def pack_lists(
     *,
     pack_label: bool = False,
     workers: int = 1,
-    follow_links: bool = True,
+    rule: RootRule = RootRule(follow_links=True),
     progress: Progress | None = None,
 ) -> PackSummary:
     """im2rec's packing step: ``X.lst`` -> ``X.rec`` + ``X.idx`` beside it, for each list.
@@ -443,7 +453,7 @@ def pack_lists(
             [job],
             spec,
             pack_label=pack_label,
-            follow_links=follow_links,
+            rule=rule,
             workers=workers,
             progress=progress,
         )
