@@ -150,18 +150,10 @@ def run(
         raise FileNotFoundError(f"no list files {args.prefix}*.lst (make them with --list)")
     if on_plan is not None:
         on_plan(sum(len(lst.read_text(encoding="utf-8").splitlines()) for lst in lists))
-    spec = EncodeSpec(
-        resize=args.resize,
-        center_crop=args.center_crop,
-        quality=args.quality,
-        encoding=args.encoding,
-        color=args.color,
-        pass_through=args.pass_through,
-    )
     summary = pack_lists(
         lists,
         args.root,
-        spec,
+        EncodeSpec.from_fields(args),
         pack_label=args.pack_label,
         workers=max(1, args.num_thread),
         rule=RootRule(follow_links=True, allow_outside=args.allow_outside_root),

@@ -99,15 +99,7 @@ class PackOptions:
         return cls(**options)
 
     def encode_spec(self) -> EncodeSpec:
-        return EncodeSpec(
-            resize=self.resize,
-            center_crop=self.center_crop,
-            quality=self.quality,
-            encoding=self.encoding,
-            color=self.color,
-            pass_through=self.pass_through,
-            max_pixels=self.max_pixels,
-        )
+        return EncodeSpec.from_fields(self)
 
 
 @dataclass

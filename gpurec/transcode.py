@@ -13,7 +13,7 @@ covers the target size; only the remaining, less-than-2x resize is left to OpenC
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
@@ -46,6 +46,13 @@ class EncodeSpec:
     color: int = 1
     pass_through: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_fields(cls, options: object) -> EncodeSpec:
+        """The spec from any object with attributes of these names (PackOptions, argparse)."""
+        return cls(
+            **{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        )
 
     def __post_init__(self) -> None:
         if self.resize < 0:
