@@ -81,9 +81,10 @@ class ImageInfo:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from the first SOF marker, walking segment lengths only."""
-    pos, n = 2, len(data)
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, offset of the first scan) from the segment headers, walking the
+    segment lengths only; None when the headers end before a frame and a scan."""
+    pos, n, size = 2, len(data), None
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return None
@@ -95,11 +96,13 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             pos += 2
             continue
         (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in _JPEG_SOF:
+        if marker in _JPEG_SOF and size is None:
             if pos + 9 > n:
                 return None
             height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
+            size = (width, height)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return None if size is None else (*size, pos)
         if length < 2:
             return None
         pos += 2 + length
@@ -110,21 +113,24 @@ def sniff(data: bytes) -> ImageInfo:
     """Identify an image by its signature (not its file name) and read its size.
 
     Raises ImageError for empty files, unknown signatures and truncated JPEG/PNG files
-    (a JPEG must still hold its end marker near the end, a PNG its IEND chunk).
+    (a JPEG must hold an end marker after its first scan, a PNG its IEND chunk).
     """
     if not data:
         raise ImageError("empty file")
     if data.startswith(b"\xff\xd8\xff"):
-        if b"\xff\xd9" not in data[-1024:]:
+        frame = _jpeg_frame(data)
+        if frame is None:
+            raise ImageError("corrupt or truncated JPEG header (no frame and scan found)")
+        # Entropy-coded data cannot hold 0xFFD9 (0xFF bytes are stuffed), so the image is
+        # whole when an end marker follows its first scan. Bytes after it (camera trailers,
+        # motion-photo videos) are allowed.
+        if data.find(b"\xff\xd9", frame[2]) < 0:
             raise ImageError("truncated JPEG (no end-of-image marker)")
-        size = _jpeg_size(data)
-        if size is None:
-            raise ImageError("corrupt JPEG header (no frame size found)")
-        return ImageInfo("jpeg", *size)
+        return ImageInfo("jpeg", frame[0], frame[1])
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ImageError("corrupt PNG header")
-        if b"IEND" not in data[-64:]:
+        if data.rfind(b"IEND\xaeB`\x82") < 0:  # IEND holds no data: its CRC is fixed
             raise ImageError("truncated PNG (no IEND chunk)")
         width, height = struct.unpack_from(">II", data, 16)
         return ImageInfo("png", width, height)

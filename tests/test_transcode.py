@@ -170,3 +170,15 @@ def test_exif_rotated_jpeg_is_packed_upright_with_im2rec_size() -> None:
     for resize in (100, 37):  # without and with reduced decoding
         out = decode(transcode(data, EncodeSpec(resize=resize)))
         assert out.shape == (400 * resize // 300, resize, 3)
+
+
+def test_trailing_bytes_after_the_image_are_not_truncation() -> None:
+    """Camera trailers and motion-photo videos follow the end marker: still whole images."""
+    img = photo(60, 80)
+    for data in (jpeg(img), cv2.imencode(".png", img)[1].tobytes()):
+        padded = data + b"\x00ftypmp42" + bytes(range(256)) * 40
+        for spec in (EncodeSpec(pass_through=True), EncodeSpec(encoding=".png")):
+            out = transcode(padded, spec)
+            assert out is padded or decode(out).shape == (60, 80, 3)
+        with pytest.raises(ImageError, match="truncated"):
+            transcode(data[: len(data) * 2 // 3], EncodeSpec(pass_through=True))
