@@ -53,7 +53,7 @@ def _errors() -> Iterator[None]:
     except (RecordIOError, ValueError, OSError, RuntimeError) as exc:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: nothing partial was left under a final name[/]")
@@ -383,6 +383,51 @@ def show(
         path = write_grid(output, tile(images, captions))
         pipe.close()
     typer.echo(f"wrote {path}: {len(images)} images of {images.shape[1]}x{images.shape[2]}")
+
+
+@app.command(
+    epilog="Examples:\n\n  gpurec bench out/imagenet_train --epochs 3\n\n"
+    "  gpurec bench out/imagenet_train --device gpu --config configs/imagenet-train.yaml"
+)
+def bench(
+    source: Annotated[str, typer.Argument(help="A .rec, a shard prefix, or a glob.")],
+    device: Annotated[str, typer.Option(help="'cpu' or 'gpu'.")] = "cpu",
+    backend: Annotated[str, typer.Option(help="'auto', 'dali' or 'cpu'.")] = "auto",
+    epochs: Annotated[int, typer.Option(help="Pipeline epochs to time.")] = 3,
+    config: Annotated[
+        Path | None, typer.Option(help="Pipeline preset (YAML): the transform to time.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Records for the read and decode stages.")] = 2000,
+    batch_size: Annotated[int | None, typer.Option(help="[default: the config's, or 64]")] = None,
+) -> None:
+    """Images/s on your data, stage by stage: read, decode, and the full Pipeline."""
+    from gpurec.bench import bench as run_bench
+    from gpurec.config import load_config
+
+    with _errors():
+        if epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {epochs}")
+        options = load_config(config) if config else {}
+        batch_size = batch_size or options.pop("batch_size", 64)
+        options.pop("batch_size", None)
+        data_shape = tuple(options.pop("data_shape", (3, 224, 224)))
+        for key in ("source", "device", "backend"):
+            options.pop(key, None)
+        with _progress("benchmarking") as (_, advance):
+            result = run_bench(source, device=device, backend=backend, epochs=epochs,
+                               batch_size=batch_size, data_shape=data_shape, limit=limit,
+                               progress=advance, **options)  # fmt: skip
+    show = Console(highlight=False, soft_wrap=True)
+    show.print(f"read     {result.read_per_s:10,.0f} records/s  ({result.read_mb_per_s:,.0f} MB/s, "
+               f"{result.records} records)")  # fmt: skip
+    show.print(f"decode   {result.decode_per_s:10,.0f} images/s   (OpenCV, all cores)")
+    for i, rate in enumerate(result.epochs):
+        show.print(f"epoch {i}  {rate:10,.0f} images/s   ({result.backend} on {result.device})")
+    show.print(f"startup  {result.startup_s:10.2f} s          (construction to first batch)")
+    typer.echo(
+        f"bench: {result.pipeline_per_s:,.0f} images/s with {result.backend} on "
+        f"{result.device} = {result.pipeline_per_s / result.decode_per_s:.2f}x the decode limit"
+    )
 
 
 def _best_device() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,7 +110,19 @@ def test_errors_have_no_traceback_unless_debug(tmp_path: Path) -> None:
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-@pytest.mark.parametrize("command", ["pack", "im2rec", "info", "verify", "index", "show", "demo"])
+def test_bench_reports_each_stage(packed: Path) -> None:
+    res = run_gpurec("bench", packed / "ds_train", "--epochs", "2", "--batch-size", "4",
+                     "--backend", "cpu")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rates = dict(re.findall(r"^(read|decode|epoch \d)\s+([\d,]+) ", res.stdout, flags=re.M))
+    assert set(rates) == {"read", "decode", "epoch 0", "epoch 1"}
+    assert all(float(v.replace(",", "")) > 0 for v in rates.values())
+    assert re.search(r"^bench: [\d,]+ images/s with CPUBackend on cpu", res.stdout, flags=re.M)
+
+
+@pytest.mark.parametrize(
+    "command", ["pack", "im2rec", "info", "verify", "index", "show", "demo", "bench"]
+)
 def test_every_command_has_help(command: str) -> None:
     res = run_gpurec(command, "--help" if command != "im2rec" else "-h")
     assert res.returncode == 0 and "usage" in res.stdout.lower(), res.stderr
