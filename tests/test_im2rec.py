@@ -121,7 +121,7 @@ def test_unreadable_images_and_escaping_paths_are_skipped_not_fatal(tmp_path: Pa
     report = dict(
         line.split("\t") for line in (tmp_path / "ds.skipped.tsv").read_text().splitlines()[1:]
     )
-    assert report["a/broken.jpg"].startswith("truncated JPEG")
+    assert report["a/broken.jpg"].startswith("corrupt or truncated JPEG header")
     assert report["../secret.jpg"].startswith("path escapes the root")
     assert report["/etc/hostname"].startswith("absolute path refused")
     assert report["b/missing.jpg"].startswith("cannot read: No such file")
