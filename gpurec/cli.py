@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -356,7 +355,7 @@ def show(
 ) -> None:
     """A PNG grid of samples as the Pipeline produces them, captioned with class names."""
     from gpurec.config import load_config
-    from gpurec.grid import batch_images, tile, write_grid
+    from gpurec.grid import picture, write_grid
     from gpurec.inspection import find_classes
     from gpurec.pipeline import Pipeline
 
@@ -367,22 +366,12 @@ def show(
         options.update(source=source, batch_size=n, seed=seed, device=device,
                        last_batch="partial", num_shards=1, shard_id=0)  # fmt: skip
         options.pop("backend", None)
-        pipe = Pipeline.from_config_dict(options, str(config or "show"))
-        batch = next(iter(pipe))
-        images = batch_images(batch.data, pipe.spec)
-        labels = np.asarray(batch.label.get() if hasattr(batch.label, "get") else batch.label)
-        classes = find_classes(pipe.dataset.paths[0])
-        captions = None
-        if not raw:
-            firsts = labels if labels.ndim == 1 else labels[:, 0]
-            captions = [
-                classes[int(v)] if classes and float(v).is_integer() and 0 <= v < len(classes)
-                else f"{v:g}"
-                for v in firsts
-            ]  # fmt: skip
-        path = write_grid(output, tile(images, captions))
-        pipe.close()
-    typer.echo(f"wrote {path}: {len(images)} images of {images.shape[1]}x{images.shape[2]}")
+        with Pipeline.from_config_dict(options, str(config or "show")) as pipe:
+            batch = next(iter(pipe))
+            classes = find_classes(pipe.dataset.paths[0])
+            path = write_grid(output, picture(batch, pipe.spec, classes, raw=raw))
+    h, w = pipe.spec.height, pipe.spec.width
+    typer.echo(f"wrote {path}: {len(batch.label)} images of {h}x{w}")
 
 
 @app.command(
@@ -456,6 +445,7 @@ def demo(
 
     Example: gpurec demo --out /tmp/gpurec-demo
     """
+    from gpurec.grid import picture, write_grid
     from gpurec.pack import pack as pack_tree
     from gpurec.pipeline import Pipeline
     from gpurec.sample import make_sample_tree
@@ -506,14 +496,7 @@ def demo(
             f"loaded:    {seen} augmented images ({epochs} epochs, batch {train.batch_size}, "
             f"{tuple(batch.data.shape[1:])}) with {type(train.backend).__name__} on {device}"
         )
-        from gpurec.grid import batch_images, tile, write_grid
-
-        names = summary.classes
-        labels = np.asarray(batch.label.get() if hasattr(batch.label, "get") else batch.label)
-        grid = write_grid(
-            out / "grid.png",
-            tile(batch_images(batch.data, train.spec), [names[int(v)] for v in labels]),
-        )
+        grid = write_grid(out / "grid.png", picture(batch, train.spec, summary.classes))
         train.close()
     show.print(f"grid:      {grid} (the last batch, as the model sees it)")
     show.print(

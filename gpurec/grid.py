@@ -15,18 +15,39 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 
-__all__ = ["CAPTION", "batch_images", "tile", "write_grid"]
+__all__ = ["CAPTION", "batch_images", "captions", "picture", "tile", "write_grid"]
 
 CAPTION = 18  # pixels of caption strip under each tile
 
 
 def batch_images(data, spec: AugmentSpec) -> np.ndarray:
     """A batch as the Pipeline gave it -> (N, H, W, 3) uint8 RGB, as the eye sees it."""
-    array = np.asarray(data.get() if hasattr(data, "get") else data, dtype=np.float32)  # CuPy
+    array = _host(data).astype(np.float32)
     if spec.layout == "NCHW":
         array = array.transpose(0, 2, 3, 1)
     array = array * np.array(spec.std, np.float32) + np.array(spec.mean, np.float32)
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def _host(array) -> np.ndarray:
+    return np.asarray(array.get() if hasattr(array, "get") else array)  # CuPy -> NumPy
+
+
+def captions(labels, classes: Sequence[str] | None) -> list[str]:
+    """Class names for a batch's labels (the first label of multi-label records)."""
+    labels = _host(labels)
+    firsts = labels if labels.ndim == 1 else labels[:, 0]
+    names = []
+    for value in firsts.tolist():
+        known = classes and float(value).is_integer() and 0 <= value < len(classes)
+        names.append(classes[int(value)] if known else f"{value:g}")
+    return names
+
+
+def picture(batch, spec: AugmentSpec, classes: Sequence[str] | None, raw: bool = False):
+    """The grid of a Pipeline batch, captioned with class names unless ``raw``."""
+    images = batch_images(batch.data, spec)
+    return tile(images, None if raw else captions(batch.label, classes))
 
 
 def tile(images: np.ndarray, captions: Sequence[str] | None = None, cols: int = 0) -> np.ndarray:
