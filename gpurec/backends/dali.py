@@ -12,6 +12,7 @@ new CuPy array, stream-ordered, device to device).
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 import weakref
@@ -182,8 +183,8 @@ class DALIBackend:
 
         tensor = tensors.as_tensor()
         out = cupy.empty(tensor.shape(), dtype=np.dtype(self.pipe.spec.dtype))
-        tensor.copy_to_external(out.data.ptr, cuda_stream=cupy.cuda.get_current_stream().ptr,
-                                non_blocking=True)  # fmt: skip
+        stream = ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)  # ordered on our stream
+        tensor.copy_to_external(ctypes.c_void_p(out.data.ptr), stream, non_blocking=True)
         return out
 
     def _run_once(self, epoch: int, batch: int):
