@@ -32,7 +32,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)  # progress, warnings and errors; results go to stdout
+console = Console(
+    stderr=True, soft_wrap=True
+)  # progress, warnings and errors; results go to stdout
 _state = {"debug": False}
 
 
@@ -72,7 +74,9 @@ def _progress(what: str) -> Iterator[tuple[Callable[[int], None], Callable[[int]
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as bar:
         task = bar.add_task(what, total=None, rate="")
         start = time.perf_counter()
         done = [0]

@@ -113,6 +113,8 @@ def resolve_in_root(root: str | Path, rel: str, rule: RootRule = RootRule()) -> 
 def _unlistable(name: str) -> str | None:
     if any(c in name for c in "\t\n\r"):
         return "file name holds a tab or newline, which a .lst cannot hold"
+    if any(part != part.strip() for part in name.split("/")):
+        return "name starts or ends with white space, which .lst readers strip"
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -255,7 +257,8 @@ def im2rec_chunks(
     Exactly its arithmetic, including ``random.seed(100)`` before the shuffle, integer
     chunk sizes and the test / val / train order inside each chunk.
     """
-    _check_ratios(train_ratio, test_ratio)
+    if train_ratio != 1.0:  # im2rec ignores test_ratio when everything goes to one list
+        _check_ratios(train_ratio, test_ratio)
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     image_list = list(entries)

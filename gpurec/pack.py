@@ -348,9 +348,10 @@ def _listing(root: Path, opts: PackOptions) -> Listing:
             label_from_name=opts.label_from_name,
             follow_links=opts.follow_links,
         )
-    entries, skipped = unique_indices(read_lst(opts.lst))
+    malformed: list[tuple[str, str]] = []
+    entries, duplicates = unique_indices(read_lst(opts.lst, malformed))
     labels = sorted({int(e.labels[0]) for e in entries if e.labels})
-    return Listing(entries, [str(label) for label in labels], skipped)
+    return Listing(entries, [str(label) for label in labels], malformed + duplicates)
 
 
 def pack(
@@ -432,13 +433,14 @@ def pack_lists(
 ) -> PackSummary:
     """im2rec's packing step: ``X.lst`` -> ``X.rec`` + ``X.idx`` beside it, for each list.
 
-    Images that cannot be packed are skipped (never a crash) and listed in
-    ``X.skipped.tsv``; the `.lst` itself is left as it is.
+    Images that cannot be packed, malformed lines and repeated indices are skipped (never
+    a crash) and listed in ``X.skipped.tsv``; the `.lst` itself is left as it is.
     """
     start = time.perf_counter()
     total = PackSummary()
     for lst in map(Path, lists):
-        entries, duplicates = unique_indices(read_lst(lst))
+        malformed: list[tuple[str, str]] = []
+        entries, duplicates = unique_indices(read_lst(lst, malformed))
         job = ShardJob(lst.with_suffix(""), entries, write_lst=False)
         done = write_shards(
             root,
@@ -449,7 +451,7 @@ def pack_lists(
             workers=workers,
             progress=progress,
         )
-        done.skipped[:0] = duplicates
+        done.skipped[:0] = malformed + duplicates
         write_report(lst.with_suffix(".skipped.tsv"), done.skipped)
         total.images += done.images
         total.bytes += done.bytes

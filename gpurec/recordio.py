@@ -486,6 +486,54 @@ def scan_offsets(reader: RecordReader | PathLike) -> Iterator[int]:
 # --------------------------------------------------------------------------------- .idx
 
 
+_POW10 = np.array([10**k for k in range(1, 20)], dtype=np.uint64)
+
+
+def _content_lines(data: bytes) -> int:
+    """How many lines of ``data`` hold more than whitespace, counted in bulk for an
+    `.idx` as MXNet and gpurec write them (digits, tabs, newlines); any other file is
+    counted line by line."""
+    if data.translate(None, b"0123456789-\t\n"):
+        return sum(1 for line in data.splitlines() if line.strip())
+    newline = np.frombuffer(data.translate(None, b"\t"), np.uint8) == ord("\n")
+    if not len(newline):
+        return 0
+    # a line with content ends where a non-newline byte is followed by a newline (or EOF)
+    return int(np.count_nonzero(~newline[:-1] & newline[1:])) + int(not newline[-1])
+
+
+def _idx_text(keys: Iterable[int], offsets: Iterable[int]) -> bytes:
+    """The ``key<TAB>offset`` lines of an `.idx`, as ``f"{int(k)}\\t{int(o)}\\n"`` writes
+    them, formatted in bulk: each column becomes a fixed-width matrix of ASCII digits,
+    and a mask keeps the sign and significant digits."""
+    try:
+        columns = [
+            np.asarray(v if isinstance(v, np.ndarray) else list(v), dtype=np.int64).ravel()
+            for v in (keys, offsets)
+        ]
+    except OverflowError:  # beyond int64: Python's own formatting
+        return "".join(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets, strict=True)).encode()
+    if len(columns[0]) != len(columns[1]):
+        raise ValueError(f"{len(columns[0])} keys but {len(columns[1])} offsets")
+    chars, keep = [], []
+    for values, end in zip(columns, b"\t\n", strict=True):
+        magnitude = np.abs(values).astype(np.uint64)  # |-2**63| wraps to 2**63, exactly
+        digits = 1 + np.searchsorted(_POW10, magnitude, side="right")
+        width = int(digits.max(initial=1))
+        col = np.empty((len(values), width + 2), np.uint8)
+        col[:, 0], col[:, -1] = ord("-"), end
+        rest = magnitude.copy()
+        for k in range(width, 0, -1):  # least significant digit last
+            col[:, k] = ord("0") + rest % 10
+            rest //= 10
+        mask = np.ones_like(col, dtype=bool)
+        mask[:, 0] = values < 0
+        mask[:, 1:-1] = np.arange(width, 0, -1) <= digits[:, None]
+        chars.append(col)
+        keep.append(mask)
+    return np.concatenate(chars, axis=1)[np.concatenate(keep, axis=1)].tobytes()
+
+
 def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Keys and offsets of an `.idx` file as two int64 arrays, in file order.
 
@@ -494,7 +542,7 @@ def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     malformed line.
     """
     data = Path(path).read_bytes()
-    rows = sum(1 for line in data.splitlines() if line.strip())
+    rows = _content_lines(data)
     fields = data.split()
     if len(fields) == 2 * rows and data.count(b"\t") == rows:
         try:
@@ -522,8 +570,9 @@ def write_idx(path: PathLike, keys: Iterable[int], offsets: Iterable[int]) -> No
     """Write an `.idx` (``key<TAB>offset`` lines), atomically."""
     tmp = Path(str(path) + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets, strict=True))
+        text = _idx_text(keys, offsets)
+        with open(tmp, "wb") as f:
+            f.write(text)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -574,47 +623,51 @@ class ListEntry:
     path: str
 
 
-def read_lst(path: PathLike) -> Iterator[ListEntry]:
+def read_lst(path: PathLike, skipped: list[tuple[str, str]] | None = None) -> Iterator[ListEntry]:
     """Yield the entries of a `.lst` file lazily (lists can hold millions of lines).
 
-    Accepts labels written as ``3`` or ``3.000000``, CRLF line ends, a last line
-    without newline, and blank lines; anything else malformed raises naming the line.
+    Parsed as MXNet's im2rec parses it: the line and each field are stripped of white
+    space; labels may be written ``3`` or ``3.000000``; CRLF line ends, a last line
+    without newline and blank lines are fine. A malformed line raises naming the line,
+    or, given a ``skipped`` list, is appended to it as ``("line N", reason)`` and passed
+    over (im2rec prints and skips such lines).
     """
     with open(path, encoding="utf-8", newline="") as f:
         for no, raw in enumerate(f, 1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
+            parts = [field.strip() for field in raw.strip().split("\t")]
+            if parts == [""]:
                 continue
-            parts = line.split("\t")
+            reason = None
             if len(parts) < 3:
-                raise RecordIOError(
+                reason = (
                     f"expected 'index<TAB>label[<TAB>label...]<TAB>path', "
-                    f"got {len(parts)} field(s): {line[:80]!r}",
-                    path,
-                    line=no,
+                    f"got {len(parts)} field(s): {raw.strip()[:80]!r}"
                 )
-            try:
-                index = int(parts[0])
-            except ValueError:
-                raise RecordIOError(
-                    f"index {parts[0][:40]!r} is not an integer", path, line=no
-                ) from None
-            try:
-                labels = tuple(float(x) for x in parts[1:-1])
-            except ValueError:
-                raise RecordIOError(
-                    f"non-numeric label in {parts[1:-1]!r}", path, line=no
-                ) from None
-            if not parts[-1]:
-                raise RecordIOError("empty image path", path, line=no)
-            yield ListEntry(index, labels, parts[-1])
+            elif not parts[-1]:
+                reason = "empty image path"
+            else:
+                try:
+                    index = int(parts[0])
+                except ValueError:
+                    reason = f"index {parts[0][:40]!r} is not an integer"
+                try:
+                    labels = tuple(float(x) for x in parts[1:-1])
+                except ValueError:
+                    reason = reason or f"non-numeric label in {parts[1:-1]!r}"
+            if reason is None:
+                yield ListEntry(index, labels, parts[-1])
+            elif skipped is None:
+                raise RecordIOError(reason, path, line=no)
+            else:
+                skipped.append((f"{Path(path).name} line {no}", reason))
 
 
 def format_lst_line(entry: ListEntry) -> str:
     """One `.lst` line as MXNet 1.9.1's im2rec writes it (labels as ``%f``)."""
-    if any(c in entry.path for c in "\t\n\r"):
+    if any(c in entry.path for c in "\t\n\r") or entry.path != entry.path.strip():
         raise RecordIOError(
-            f"image path {entry.path!r} holds a tab or newline and cannot go into a .lst"
+            f"image path {entry.path!r} holds a tab or newline, or starts or ends with white "
+            "space, and cannot go into a .lst"
         )
     labels = "".join(f"{label:f}\t" for label in entry.labels)
     return f"{entry.index}\t{labels}{entry.path}\n"

@@ -124,7 +124,7 @@ def sniff(data: bytes) -> ImageInfo:
         # Entropy-coded data cannot hold 0xFFD9 (0xFF bytes are stuffed), so the image is
         # whole when an end marker follows its first scan. Bytes after it (camera trailers,
         # motion-photo videos) are allowed.
-        if data.find(b"\xff\xd9", frame[2]) < 0:
+        if data.rfind(b"\xff\xd9", frame[2]) < 0:  # from the end: found at once
             raise ImageError("truncated JPEG (no end-of-image marker)")
         return ImageInfo("jpeg", frame[0], frame[1])
     if data.startswith(b"\x89PNG\r\n\x1a\n"):

@@ -149,3 +149,22 @@ def test_help_and_usage_errors(tmp_path: Path) -> None:
     assert res.returncode == 2 and "root" in res.stderr
     res = run_gpurec("im2rec", tmp_path / "nothing", tmp_path)
     assert res.returncode == 2 and "no list files" in res.stderr
+
+
+def test_malformed_list_lines_are_skipped_like_im2rec(tmp_path: Path) -> None:
+    root = color_tree(tmp_path / "img", per_class=2)
+    (tmp_path / "m.lst").write_text("0\t0\ta/a_0.jpg \n1\tb/b_0.jpg\n2\tcat\tb/b_1.jpg\n"
+                                   "3\t2\tc/c_0.jpg\n")  # fmt: skip
+    res = run_gpurec("im2rec", tmp_path / "m", root, "--pass-through")
+    assert res.returncode == 0, res.stderr
+    assert [unpack(r)[0].id for r in RecordReader(tmp_path / "m.rec")] == [0, 3]
+    report = (tmp_path / "m.skipped.tsv").read_text()
+    assert "m.lst line 2\texpected" in report and "m.lst line 3\tnon-numeric label" in report
+
+
+def test_test_ratio_is_ignored_without_a_train_split_as_in_im2rec(tmp_path: Path) -> None:
+    root = color_tree(tmp_path / "img", per_class=2)
+    res = run_gpurec("im2rec", tmp_path / "l", root, "--list", "--recursive", "--test-ratio",
+                     "0.2")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert len(list(read_lst(tmp_path / "l.lst"))) == 6 and not (tmp_path / "l_test.lst").exists()

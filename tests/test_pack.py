@@ -170,6 +170,7 @@ def _bad_tree(root: Path) -> dict[str, str | None]:
     (d / "tab\there.jpg").write_bytes(jpg)
     (d / "new\nline.jpg").write_bytes(jpg)
     (d / "spaced name.jpg").write_bytes(jpg)
+    (d / " leading space.jpg").write_bytes(jpg)
     (d / "outside.jpg").symlink_to(root.parent / "elsewhere.jpg")
     (root.parent / "elsewhere.jpg").write_bytes(jpg)
     return {
@@ -188,6 +189,7 @@ def _bad_tree(root: Path) -> dict[str, str | None]:
         "tab\there.jpg": "file name holds a tab",
         "new\nline.jpg": "file name holds a tab",
         "outside.jpg": "symlink points outside the root",
+        " leading space.jpg": "name starts or ends with white space",
     }
 
 
@@ -196,7 +198,7 @@ def test_bad_files_never_stop_a_pack_and_are_reported(tmp_path: Path) -> None:
     prefix = tmp_path / "out" / "ds"
     res = run_gpurec("pack", tmp_path / "img", prefix, "--max-pixels", "100000", "--workers", "2")
     assert res.returncode == 0, res.stderr
-    assert "skipped 7" in res.stdout
+    assert "skipped 8" in res.stdout
     packed = {e.path for e in read_lst(tmp_path / "out" / "ds.lst")}
     assert packed == {f"x/{n}" for n, why in want.items() if why is None}
     for _, _, img in records(tmp_path / "out" / "ds.rec"):
@@ -211,7 +213,7 @@ def test_bad_files_never_stop_a_pack_and_are_reported(tmp_path: Path) -> None:
     for path, why in escaped.items():
         assert reported[path].startswith(why), (path, reported[path])
     strict = run_gpurec("pack", tmp_path / "img", prefix, "--max-pixels", "100000", "--strict")
-    assert strict.returncode == 1 and "skipped 7" in strict.stdout
+    assert strict.returncode == 1 and "skipped 8" in strict.stdout
 
 
 def test_unknown_config_key_and_bad_option_are_clear_errors(tmp_path: Path) -> None:

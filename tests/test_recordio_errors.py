@@ -154,7 +154,7 @@ def test_lst_reading_accepts_mxnet_variants(tmp_path: Path) -> None:
         ("0\t1.0\ta.jpg\n1\tb.jpg\n", r"a\.lst:2: expected 'index<TAB>label"),
         ("0\t1.0\ta.jpg\nx\t1\tb.jpg\n", r"a\.lst:2: index 'x' is not an integer"),
         ("0\t1.0\ta.jpg\n\n2\tcat\tb.jpg\n", r"a\.lst:3: non-numeric label"),
-        ("0\t1.0\t\n", r"a\.lst:1: empty image path"),
+        ("0\t1.0\t\n", r"a\.lst:1: expected .* got 2 field"),  # stripped, as MXNet does
     ],
 )
 def test_malformed_lst_names_the_line(tmp_path: Path, text: str, message: str) -> None:
@@ -164,10 +164,22 @@ def test_malformed_lst_names_the_line(tmp_path: Path, text: str, message: str) -
         list(read_lst(lst))
 
 
+def test_lst_fields_are_stripped_and_bad_lines_can_be_skipped(tmp_path: Path) -> None:
+    lst = tmp_path / "a.lst"
+    lst.write_text(" 0\t 1.0 \ta b.jpg \t\n1\tb.jpg\n2\tx\tc.jpg\n3\t2\td.jpg\n")
+    skipped: list[tuple[str, str]] = []
+    entries = list(read_lst(lst, skipped))
+    assert entries == [ListEntry(0, (1.0,), "a b.jpg"), ListEntry(3, (2.0,), "d.jpg")]
+    assert [line for line, _ in skipped] == ["a.lst line 2", "a.lst line 3"]
+    assert "got 2 field(s)" in skipped[0][1] and "non-numeric label" in skipped[1][1]
+
+
 def test_lst_refuses_tab_or_newline_in_path(tmp_path: Path) -> None:
     out = tmp_path / "o.lst"
     with pytest.raises(RecordIOError, match="tab or newline"):
         write_lst(out, [ListEntry(0, (1.0,), "ok.jpg"), ListEntry(1, (1.0,), "bad\tname.jpg")])
+    with pytest.raises(RecordIOError, match="white space"):
+        write_lst(out, [ListEntry(0, (1.0,), "trailing.jpg ")])
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
