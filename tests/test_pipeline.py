@@ -346,3 +346,9 @@ def test_an_abandoned_epoch_does_not_shift_the_next(tmp_path, backend) -> None:
         assert set(third) <= set(range(21))
     else:  # DALI moves the rank to the next shard every epoch: epoch 2 reads shard 0
         assert first == set(range(7, 14)) and set(third) == set(range(7))
+
+
+def test_auto_backend_is_dali_on_the_gpu_and_opencv_on_the_cpu(colors) -> None:
+    assert type(Pipeline(colors, 4, device="cpu").backend).__name__ == "CPUBackend"
+    with pytest.raises(ImportError, match="CuPy"):  # the GPU path goes to DALI, needing CuPy
+        Pipeline(colors, 4, device="gpu", backend="auto")
