@@ -352,3 +352,22 @@ def test_auto_backend_is_dali_on_the_gpu_and_opencv_on_the_cpu(colors) -> None:
     assert type(Pipeline(colors, 4, device="cpu").backend).__name__ == "CPUBackend"
     with pytest.raises(ImportError, match="CuPy"):  # the GPU path goes to DALI, needing CuPy
         Pipeline(colors, 4, device="gpu", backend="auto")
+
+
+def test_a_view_or_buffer_keeps_its_batch_from_being_reused(colors) -> None:
+    """The OpenCV backend reuses batch arrays nothing refers to: a view, a memoryview or
+    a DLPack capsule of a batch must keep that batch's data as it was."""
+    pipe = cpu_pipe(colors, 4, backend="cpu", train=False)
+    it = iter(pipe)
+    batch = next(it)
+    view, buffer = batch.data[1:3], memoryview(batch.data)
+    capsule = batch.data.__dlpack__()
+    want = batch.data.copy()
+    del batch
+    for _ in range(3):
+        for _ in it:
+            pass
+        it = iter(pipe)
+    np.testing.assert_array_equal(view, want[1:3])
+    np.testing.assert_array_equal(np.asarray(buffer), want)
+    del capsule
