@@ -125,7 +125,11 @@ class DALIBackend:
         self.pipe = pipe
         self._tmp = Path(tempfile.mkdtemp(prefix="gpurec-dali-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self._index = str(pipe.dataset.write_global_idx(self._tmp / "global.idx"))
+        readers = pipe.dataset.readers
+        if len(readers) == 1:  # one shard: its own .idx already counts from its start
+            self._index = str(readers[0].idx_path)
+        else:
+            self._index = str(pipe.dataset.write_global_idx(self._tmp / "global.idx"))
         self._device_id = None
         if pipe.device == "gpu":
             import cupy
