@@ -163,7 +163,7 @@ def pack(
         int | None, typer.Option(help="This job's part, 0..num-parts-1. [default: 0]")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes. [default: all cores]")
+        int | None, typer.Option(help="Worker threads. [default: all cores]")
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 when any image was skipped.")

@@ -78,7 +78,7 @@ def build_parser(prog: str = "gpurec im2rec") -> argparse.ArgumentParser:
         "--num-thread",
         type=int,
         default=1,
-        help="number of worker processes (records keep the list order regardless).",
+        help="number of worker threads (records keep the list order regardless).",
     )
     rgroup.add_argument(
         "--color",

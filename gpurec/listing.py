@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_EXTS",
     "NAME_PATTERN",
     "Listing",
+    "RootPaths",
     "RootRule",
     "im2rec_chunks",
     "list_images",
@@ -93,21 +94,48 @@ class RootRule:
     allow_outside: bool = False
 
 
+class RootPaths:
+    """Turns `.lst` paths into full paths under one root, refusing what ``rule`` forbids.
+
+    Made once per pack: the real path of the root and of each folder is looked up once
+    and remembered, so checking a file costs one ``lstat``, not a ``realpath`` walk
+    over every component of its path.
+    """
+
+    def __init__(self, root: str | Path, rule: RootRule = RootRule()) -> None:
+        self.root = str(root)
+        self.rule = rule
+        self._inside = None  # the prefix every real path must start with, when checked
+        if not (rule.allow_outside or rule.follow_links):
+            self._inside = os.path.join(os.path.realpath(root), "")
+        self._real_folders: dict[str, str] = {}
+
+    def __call__(self, rel: str) -> str:
+        """The full path of ``rel`` under the root; ValueError when the rule forbids it."""
+        if self.rule.allow_outside:
+            return os.path.join(self.root, rel)
+        if os.path.isabs(rel) or rel.startswith(("/", "\\")):
+            raise ValueError(f"absolute path refused: {rel!r} is not under the root")
+        norm = os.path.normpath(rel)
+        if norm == ".." or norm.startswith(".." + os.sep):
+            raise ValueError(f"path escapes the root: {rel!r}")
+        full = os.path.join(self.root, norm)
+        if self._inside is not None:
+            folder, name = os.path.split(full)
+            real_folder = self._real_folders.get(folder)
+            if real_folder is None:
+                real_folder = self._real_folders[folder] = os.path.realpath(folder)
+            real = os.path.join(real_folder, name)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
+            if not os.path.join(real, "").startswith(self._inside):
+                raise ValueError(f"symlink points outside the root: {rel!r}")
+        return full
+
+
 def resolve_in_root(root: str | Path, rel: str, rule: RootRule = RootRule()) -> str:
     """The full path of ``rel`` under ``root``; ValueError when ``rule`` forbids it."""
-    if rule.allow_outside:
-        return os.path.join(root, rel)
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")):
-        raise ValueError(f"absolute path refused: {rel!r} is not under the root")
-    norm = os.path.normpath(rel)
-    if norm == ".." or norm.startswith(".." + os.sep):
-        raise ValueError(f"path escapes the root: {rel!r}")
-    full = os.path.join(root, norm)
-    if not rule.follow_links:
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real_root, os.path.realpath(full)]) != real_root:
-            raise ValueError(f"symlink points outside the root: {rel!r}")
-    return full
+    return RootPaths(root, rule)(rel)
 
 
 def _unlistable(name: str) -> str | None:

@@ -18,9 +18,13 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 
-__all__ = ["EncodeSpec", "ImageError", "ImageInfo", "sniff", "transcode"]
+__all__ = ["EncodeSpec", "ImageError", "ImageInfo", "Payload", "sniff", "transcode"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
+
+Payload = bytes | memoryview
+"""A record's image bytes: the file's own bytes (pass-through), or a read-only view of
+the encoder's buffer (not copied: the record writer takes it as it is)."""
 
 
 class ImageError(Exception):
@@ -212,7 +216,7 @@ def resize_shorter(
     return cv2.resize(img, size, interpolation=interp)
 
 
-def encode(img: np.ndarray, spec: EncodeSpec) -> bytes:
+def encode(img: np.ndarray, spec: EncodeSpec) -> memoryview:
     """Encode as the spec says; JPEG gets 8-bit data with at most 3 channels."""
     if spec.encoding == ".jpg":
         if img.dtype != np.uint8:
@@ -225,14 +229,15 @@ def encode(img: np.ndarray, spec: EncodeSpec) -> bytes:
     ok, buf = cv2.imencode(spec.encoding, img, params)
     if not ok:
         raise ImageError(f"OpenCV cannot encode a {img.shape} {img.dtype} image as {spec.encoding}")
-    return buf.tobytes()
+    return memoryview(buf).cast("B").toreadonly()
 
 
-def transcode(data: bytes, spec: EncodeSpec) -> bytes:
+def transcode(data: bytes, spec: EncodeSpec) -> Payload:
     """The record image bytes for one file's bytes, or ImageError with the reason.
 
     Pass-through returns ``data`` itself after the header checks, so the record holds
-    the file byte for byte (as im2rec's ``--pass-through``).
+    the file byte for byte (as im2rec's ``--pass-through``); otherwise a read-only view
+    of the newly encoded image.
     """
     info = sniff(data)
     if info.width is not None:
@@ -246,6 +251,15 @@ def transcode(data: bytes, spec: EncodeSpec) -> bytes:
             )
     if spec.pass_through:
         return data
+    try:
+        return _convert(data, info, spec)
+    except cv2.error as exc:  # e.g. an allocation OpenCV could not make
+        raise ImageError(f"OpenCV failed on it: {str(exc).strip().splitlines()[-1]}") from None
+    except MemoryError:
+        raise ImageError("out of memory while converting it") from None
+
+
+def _convert(data: bytes, info: ImageInfo, spec: EncodeSpec) -> memoryview:
     img = decode(data, info, spec)
     h, w = img.shape[:2]
     if info.width is None:

@@ -303,3 +303,39 @@ def test_interrupted_pack_leaves_nothing_final_and_rerun_completes(tmp_path: Pat
     assert ref.returncode == 0
     for rec in sorted(out.glob("*.rec")) + sorted(out.glob("*.idx")):
         assert rec.read_bytes() == (tmp_path / "ref" / rec.name).read_bytes()
+
+
+def test_list_paths_stay_under_the_root_unless_allowed(tmp_path: Path) -> None:
+    """One RootPaths serves a whole pack and remembers folders' real paths: a folder or
+    file symlink that leads out is refused on every use, one that stays in is followed."""
+    from gpurec.listing import RootPaths, RootRule
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    for folder in (root / "real", outside):
+        (folder / "x.jpg").write_bytes(b"x")
+    (root / "in_link").symlink_to(root / "real")
+    (root / "out_link").symlink_to(outside)
+    (root / "real" / "file_out.jpg").symlink_to(outside / "x.jpg")
+    (root / "real" / "file_in.jpg").symlink_to(root / "real" / "x.jpg")
+    paths = RootPaths(root)
+    for _ in range(2):  # the second round is served by the remembered folders
+        assert paths("real/x.jpg") == str(root / "real" / "x.jpg")
+        assert paths("in_link/x.jpg") == str(root / "in_link" / "x.jpg")
+        assert paths("real/file_in.jpg") == str(root / "real" / "file_in.jpg")
+        assert paths("real/../real/x.jpg") == str(root / "real" / "x.jpg")
+        for rel, why in [
+            ("out_link/x.jpg", "symlink points outside the root"),
+            ("real/file_out.jpg", "symlink points outside the root"),
+            ("../outside/x.jpg", "path escapes the root"),
+            (str(outside / "x.jpg"), "absolute path refused"),
+        ]:
+            with pytest.raises(ValueError, match=why):
+                paths(rel)
+    assert RootPaths(root, RootRule(follow_links=True))("out_link/x.jpg") == str(
+        root / "out_link" / "x.jpg"
+    )
+    assert RootPaths(root, RootRule(allow_outside=True))("../outside/x.jpg") == os.path.join(
+        root, "../outside/x.jpg"
+    )

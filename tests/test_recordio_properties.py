@@ -93,6 +93,54 @@ def test_irheader_pack_unpack_round_trip(label, rid: int, rid2: int, payload: by
         assert header.flag == 0 and header.label == np.float32(label)
 
 
+@FAST
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.floats(allow_nan=False, width=32), st.lists(st.floats(width=32))),
+            payloads,
+        ),
+        max_size=6,
+    ),
+    st.sampled_from([bytes, bytearray, memoryview, "readonly-view"]),
+)
+def test_writing_header_and_payload_apart_gives_the_packed_bytes(items, kind) -> None:
+    """``write(payload, header=h)`` frames h + payload without joining them: the file
+    must equal writing ``pack(h, payload)``, including dmlc's cuts at magic words that
+    fall in the header, the labels or the payload; a writable buffer that the caller
+    changes after ``write`` must not change what is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        apart, joined = Path(tmp) / "apart.rec", Path(tmp) / "joined.rec"
+        with RecordWriter(apart) as writer:
+            for i, (label, payload) in enumerate(items):
+                header = IRHeader(0, label, MAGIC if i % 2 else i, MAGIC << 32 if i % 3 else i)
+                buf = bytearray(payload)
+                given_as = {
+                    bytes: bytes(buf),
+                    bytearray: buf,
+                    memoryview: memoryview(buf),
+                    "readonly-view": memoryview(bytes(buf)).toreadonly(),
+                }[kind]
+                writer.write(given_as, header=header)
+                buf[:] = b"\xff" * len(buf)  # the caller reuses its buffer
+        _write(
+            joined,
+            [pack(IRHeader(0, lab, MAGIC if i % 2 else i, MAGIC << 32 if i % 3 else i), p)
+             for i, (lab, p) in enumerate(items)],
+        )  # fmt: skip
+        assert apart.read_bytes() == joined.read_bytes()
+
+
+def test_records_larger_than_the_write_batch_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    records = [rng.bytes(n) for n in (3 << 20, 5, 700_001, 0, 2 << 20)]
+    records[1] = MAGIC_BYTES + b"x"  # a split record between two large ones
+    _write(tmp_path / "big.rec", records)
+    assert (tmp_path / "big.rec").read_bytes() == b"".join(dmlc_write_record(r) for r in records)
+    with RecordReader(tmp_path / "big.rec") as reader:
+        assert [reader[i] for i in range(len(reader))] == records
+
+
 def _read_everything(path: Path) -> list[bytes]:
     with RecordReader(path, idx_path=None) as reader:
         return [record for _, record in reader.scan()]
