@@ -26,7 +26,6 @@ __all__ = [
     "RootRule",
     "im2rec_chunks",
     "list_images",
-    "resolve_in_root",
     "split_entries",
 ]
 
@@ -133,11 +132,6 @@ class RootPaths:
         return full
 
 
-def resolve_in_root(root: str | Path, rel: str, rule: RootRule = RootRule()) -> str:
-    """The full path of ``rel`` under ``root``; ValueError when ``rule`` forbids it."""
-    return RootPaths(root, rule)(rel)
-
-
 def _unlistable(name: str) -> str | None:
     if any(c in name for c in "\t\n\r"):
         return "file name holds a tab or newline, which a .lst cannot hold"
@@ -181,6 +175,7 @@ def list_images(
     skipped: list[tuple[str, str]] = []
     found: list[tuple[str, str]] = []  # (relative path, class name)
     folder_labels: dict[str, int] = {}
+    inside = RootPaths(root)
     for rel, files in _walk(root, recursive or pattern is not None, follow_links, skipped):
         for name in files:
             if os.path.splitext(name)[1].lower() not in wanted:
@@ -189,7 +184,7 @@ def list_images(
             reason = _unlistable(path)
             if reason is None and not follow_links:
                 try:
-                    resolve_in_root(root, path, RootRule())
+                    inside(path)
                 except ValueError as exc:
                     reason = str(exc).split(":")[0]
             if reason is not None:

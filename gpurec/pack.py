@@ -35,7 +35,9 @@ from gpurec.recordio import (
     MAX_RECORD_SIZE,
     IRHeader,
     ListEntry,
+    RecordIOError,
     RecordWriter,
+    frame_record,
     read_lst,
     write_lst,
 )
@@ -170,16 +172,20 @@ def _opencv_on_one_thread() -> Iterator[None]:
         cv2.setNumThreads(before)
 
 
-def _transcode_file(paths: RootPaths, path: str, spec: EncodeSpec) -> Payload | str:
-    """Record image bytes for ``path`` under the root, or the reason it is skipped."""
+Frame = list[Payload]
+"""One record, framed (:func:`frame_record`) and ready to append to a `.rec`."""
+
+
+def _record(paths: RootPaths, path: str, header: IRHeader, spec: EncodeSpec) -> Frame | str:
+    """The framed record of the image at ``path`` under the root, or why it is skipped."""
     try:
         with open(paths(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_RECORD_SIZE:  # and reading it could exhaust memory
                 return f"file of {size} bytes is over a record's maximum of {MAX_RECORD_SIZE}"
             data = f.read()
-        return transcode(data, spec)
-    except (ImageError, ValueError) as exc:
+        return frame_record(transcode(data, spec), header)
+    except (ImageError, RecordIOError, ValueError) as exc:
         return str(exc)
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
@@ -187,31 +193,34 @@ def _transcode_file(paths: RootPaths, path: str, spec: EncodeSpec) -> Payload | 
         return "out of memory reading it"
 
 
-def _transcode_batch(paths: RootPaths, spec: EncodeSpec, batch: list[str]) -> list[Payload | str]:
-    return [_transcode_file(paths, p, spec) for p in batch]
+Work = tuple[str, IRHeader]  # an image's path under the root, and its record's header
+
+
+def _records(paths: RootPaths, spec: EncodeSpec, batch: list[Work]) -> list[Frame | str]:
+    return [_record(paths, path, header, spec) for path, header in batch]
 
 
 def _in_order(
     paths: RootPaths,
     spec: EncodeSpec,
-    names: Iterable[str],
+    work: Iterable[Work],
     workers: int,
     batch: int = 8,
     ahead: int = 4,
-) -> Iterator[list[Payload | str]]:
-    """Transcode ``names`` on ``workers`` threads; lists of results come back in order.
+) -> Iterator[list[Frame | str]]:
+    """Make the records of ``work`` on ``workers`` threads; lists of them come back in order.
 
-    Threads, not processes: reading, decoding, resizing and encoding all run in C with
-    the GIL released, so a thread pool keeps every core busy without copying each image
-    between processes (measured 1.2-1.3x a process pool on 2 cores, BENCHMARKS.md). The
-    Python left per image (~50 us, mostly checks) caps one pack at a few dozen busy
-    cores; more cores than that are better used by ``num_parts`` jobs. At most
-    ``workers * ahead`` batches are in flight, so memory does not grow with the list.
+    Threads, not processes: reading, decoding, resizing, encoding and most of framing
+    (the search for magic words) run in C with the GIL released, so a thread pool keeps
+    the cores busy with no image copied between processes, and the one thread that
+    writes only appends ready frames. On 2 cores it packs as fast as the process pool
+    it replaced (BENCHMARKS.md). At most ``workers * ahead`` batches are in flight, so
+    memory does not grow with the list.
     """
-    todo = iter(names)
+    todo = iter(work)
     if workers <= 1:
         while chunk := list(islice(todo, batch)):
-            yield _transcode_batch(paths, spec, chunk)
+            yield _records(paths, spec, chunk)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="gpurec-pack") as pool:
         pending: deque[Future] = deque()
@@ -219,7 +228,7 @@ def _in_order(
         def submit() -> None:
             chunk = list(islice(todo, batch))
             if chunk:
-                pending.append(pool.submit(_transcode_batch, paths, spec, chunk))
+                pending.append(pool.submit(_records, paths, spec, chunk))
 
         try:
             for _ in range(workers * ahead):
@@ -259,9 +268,13 @@ def write_shards(
     """
     workers = workers or os.cpu_count() or 1
     summary = PackSummary()
-    names = (entry.path for job in jobs for entry in job.entries)
+    work = (
+        (entry.path, IRHeader(0, _label(entry, pack_label), entry.index, 0))
+        for job in jobs
+        for entry in job.entries
+    )
     with _opencv_on_one_thread():
-        batches = _in_order(RootPaths(root, rule), spec, names, workers)
+        batches = _in_order(RootPaths(root, rule), spec, work, workers)
         results = (result for batch in batches for result in batch)
         try:
             for job in jobs:
@@ -273,8 +286,7 @@ def write_shards(
                         if isinstance(result, str):
                             summary.skipped.append((entry.path, result))
                         else:
-                            header = IRHeader(0, _label(entry, pack_label), entry.index, 0)
-                            writer.write(result, key=entry.index, header=header)
+                            writer.write_frame(result, key=entry.index)
                             kept.append(entry)
                         if progress is not None and (n % 64 == 0 or n == len(job.entries)):
                             progress(n % 64 or 64)

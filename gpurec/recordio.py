@@ -47,6 +47,7 @@ __all__ = [
     "RecordReader",
     "RecordWriter",
     "format_lst_line",
+    "frame_record",
     "idx_path_for",
     "pack",
     "read_idx",
@@ -155,18 +156,28 @@ def unpack(record: bytes | memoryview) -> tuple[IRHeader, bytes]:
 # ------------------------------------------------------------------------ record frames
 
 
-def _magic_words(data: bytes | memoryview, base: int) -> np.ndarray:
-    """Offsets (from ``base``) of the magic word at 4-byte-aligned positions of ``data``,
-    the only ones dmlc-core looks at; one vectorised compare, no copy."""
-    words = np.frombuffer(data, dtype="<u4", count=len(data) // 4)
-    return base + 4 * np.flatnonzero(words == MAGIC)
+def _has_magic(data: memoryview) -> bool:
+    """Whether the magic word sits at a 4-byte-aligned offset of ``data`` (the only
+    offsets dmlc-core looks at): one vectorised compare, no copy."""
+    words = np.frombuffer(data, dtype="<u4", count=data.nbytes // 4)
+    return bool(np.count_nonzero(words == MAGIC))
 
 
-def _frame(parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    """The bytes dmlc-core's ``RecordIOWriter::WriteRecord`` writes for one payload,
-    given as consecutive ``parts`` (e.g. IRHeader, then image) that are never joined
-    unless a magic word forces a split."""
-    views = [memoryview(p).cast("B") for p in parts]
+def frame_record(
+    payload: bytes | memoryview, header: IRHeader | None = None
+) -> list[bytes | memoryview]:
+    """The bytes dmlc-core's ``RecordIOWriter::WriteRecord`` writes for one record, as a
+    list of buffers: ``payload``, or ``pack(header, payload)`` without joining the two.
+
+    The result may be kept and written later (:meth:`RecordWriter.write_frame`): a
+    read-only payload (bytes, a read-only memoryview) is referenced, a writable one is
+    copied. Building frames is thread-safe, so it can run where the payloads are made.
+    """
+    if not memoryview(payload).readonly:  # the caller may reuse it: keep a copy
+        payload = bytes(payload)
+    views = [memoryview(payload).cast("B")]
+    if header is not None:
+        views.insert(0, memoryview(header_bytes(header)))
     size = sum(v.nbytes for v in views)
     if size > MAX_RECORD_SIZE:
         raise RecordIOError(
@@ -174,14 +185,15 @@ def _frame(parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
             f"{MAX_RECORD_SIZE} bytes (2^29 - 1) per record"
         )
     pad = [bytes(-size % 4)] if size % 4 else []
-    aligned = all(v.nbytes % 4 == 0 for v in views[:-1])
-    if aligned and not any(_magic_words(v, 0).size for v in views):  # nearly always
+    # The header and its labels are whole 4-byte words, so each part can be searched alone.
+    if not any(_has_magic(v) for v in views):  # nearly always
         return [_FRAME.pack(MAGIC, size), *views, *pad]
     data = b"".join(views)
+    words = np.frombuffer(data, dtype="<u4", count=size // 4)
     out: list[bytes | memoryview] = []
     view = memoryview(data)
     start = 0
-    for pos in _magic_words(data, 0).tolist():  # cut at each one and drop it
+    for pos in (4 * np.flatnonzero(words == MAGIC)).tolist():  # cut at each one, drop it
         out.append(_FRAME.pack(MAGIC, ((2 if start else 1) << 29) | (pos - start)))
         out.append(view[start:pos])
         start = pos + 4
@@ -239,15 +251,17 @@ class RecordWriter:
         ``MXIndexedRecordIO.write_idx`` does. A read-only payload (bytes, a read-only
         memoryview) is kept by reference until the next flush, a writable one is copied.
         """
-        offset = self._offset
-        if not memoryview(payload).readonly:  # the caller may reuse it: keep a copy
-            payload = bytes(payload)
         try:
-            parts = _frame((payload,) if header is None else (header_bytes(header), payload))
+            frame = frame_record(payload, header)
         except RecordIOError as exc:
-            raise RecordIOError(exc.reason, self.path, offset=offset) from None
-        written = sum(memoryview(p).nbytes for p in parts)
-        self._parts += parts
+            raise RecordIOError(exc.reason, self.path, offset=self._offset) from None
+        return self.write_frame(frame, key)
+
+    def write_frame(self, frame: Sequence[bytes | memoryview], key: int | None = None) -> int:
+        """Append one record already framed by :func:`frame_record`; returns its offset."""
+        offset = self._offset
+        written = sum(memoryview(p).nbytes for p in frame)
+        self._parts += frame
         self._pending += written
         self._offset += written
         if self._pending >= self._FLUSH_BYTES or len(self._parts) >= self._FLUSH_PARTS:
