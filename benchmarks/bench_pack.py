@@ -71,14 +71,16 @@ RAW_PARALLEL = "raw: the same full-decode loop in W processes at once (the ceili
 # ------------------------------------------------------------------------- the data set
 
 
-def make_image(seed: int) -> np.ndarray:
+def make_image(seed: int, scale: float = 1.0) -> np.ndarray:
     """One photo-like BGR image: smooth colour field, cloudy texture, shapes, blur, noise.
 
-    Sizes vary in 450-550 x 340-410; the noise level varies per image so that JPEG
-    quality 90 files come out at roughly 40-90 KB, like ImageNet photos of that size.
+    Sizes vary in 450-550 x 340-410 (times ``scale``); the noise level varies per image
+    so that JPEG quality 90 files come out at roughly 40-90 KB at scale 1, like ImageNet
+    photos of that size.
     """
     rng = np.random.default_rng(seed)
     w, h = int(rng.integers(450, 551)), int(rng.integers(340, 411))
+    w, h = round(w * scale), round(h * scale)
     grid = rng.uniform(0, 255, (int(rng.integers(3, 7)), int(rng.integers(4, 9)), 3))
     img = cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     for scale, amp in ((16, 18.0), (4, 11.0)):  # texture: mostly luminance, some colour
@@ -107,19 +109,23 @@ def make_image(seed: int) -> np.ndarray:
     return cv2.add(canvas, noise, dtype=cv2.CV_8U)  # saturating
 
 
-def _write_image(job: tuple[str, int]) -> int:
-    path, seed = job
+def _write_image(job: tuple[str, int, float]) -> int:
+    path, seed, scale = job
     cv2.setNumThreads(1)
-    ok, buf = cv2.imencode(".jpg", make_image(seed), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    ok, buf = cv2.imencode(".jpg", make_image(seed, scale), [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise RuntimeError(f"cannot encode {path}")
     Path(path).write_bytes(buf.tobytes())
     return len(buf)
 
 
-def ensure_dataset(root: Path, images: int, classes: int, seed: int, workers: int) -> list[Path]:
+def ensure_dataset(
+    root: Path, images: int, classes: int, seed: int, workers: int, scale: float = 1.0
+) -> list[Path]:
     """The image files under ``root`` (``class_KK/img_NNNNN.jpg``), made unless present."""
     params = {"version": DATASET_VERSION, "images": images, "classes": classes, "seed": seed}
+    if scale != 1.0:
+        params["scale"] = scale
     files = [root / f"class_{i % classes:02d}" / f"img_{i:05d}.jpg" for i in range(images)]
     marker = root / MARKER
     reuse = marker.is_file() and json.loads(marker.read_text()) == params
@@ -131,7 +137,7 @@ def ensure_dataset(root: Path, images: int, classes: int, seed: int, workers: in
     for k in range(classes):
         (root / f"class_{k:02d}").mkdir(parents=True)
     start = time.perf_counter()
-    jobs = [(str(f), seed * 1_000_003 + i) for i, f in enumerate(files)]
+    jobs = [(str(f), seed * 1_000_003 + i, scale) for i, f in enumerate(files)]
     with get_context("fork").Pool(workers) as pool:
         sizes = pool.map(_write_image, jobs, chunksize=16)
     marker.write_text(json.dumps(params))
@@ -428,6 +434,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=2000, help="images in the data set")
     parser.add_argument("--classes", type=int, default=10, help="class folders")
     parser.add_argument("--seed", type=int, default=0, help="data set seed")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="image size factor (2: 900-1100 x 680-820 px, where reduced-size decoding "
+        "applies at --resize 256)",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="W")
     parser.add_argument("--repeat", type=int, default=3, help="runs per config (best reported)")
     parser.add_argument(
@@ -662,7 +675,9 @@ def _same(same: bool) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     root, out, w = args.workdir / "images", args.workdir / "out", args.workers
-    files = ensure_dataset(root, args.images, args.classes, args.seed, os.cpu_count() or 1)
+    files = ensure_dataset(
+        root, args.images, args.classes, args.seed, os.cpu_count() or 1, args.scale
+    )
     stats = dataset_stats(files)
     warm_cache(files)
     shutil.rmtree(out, ignore_errors=True)
