@@ -98,7 +98,8 @@ class RootPaths:
 
     Made once per pack: the real path of the root and of each folder is looked up once
     and remembered, so checking a file costs one ``lstat``, not a ``realpath`` walk
-    over every component of its path.
+    over every component of its path. Since the tree may change during a pack, what
+    :meth:`open` opened is checked again afterwards, from the open file itself.
     """
 
     def __init__(self, root: str | Path, rule: RootRule = RootRule()) -> None:
@@ -130,6 +131,29 @@ class RootPaths:
             if not os.path.join(real, "").startswith(self._inside):
                 raise ValueError(f"symlink points outside the root: {rel!r}")
         return full
+
+    def open(self, rel: str) -> int:
+        """A descriptor of ``rel`` opened for reading, or ValueError as :meth:`__call__`.
+
+        Opened non-blocking (a FIFO does not hang the pack) and then checked by the path
+        of the file actually opened, so a symlink swapped into the tree after the first
+        check cannot lead outside the root.
+        """
+        full = self(rel)
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        if self._inside is None:
+            return fd
+        try:
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")  # Linux: what is open, exactly
+            except OSError:
+                real = os.path.realpath(full)
+            if not os.path.join(real, "").startswith(self._inside):
+                raise ValueError(f"symlink points outside the root: {rel!r}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
 
 def _unlistable(name: str) -> str | None:

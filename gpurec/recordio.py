@@ -202,6 +202,16 @@ def frame_record(
     return out + pad
 
 
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that renames in it are on disk (where the system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class RecordWriter:
     """Writes a `.rec` file (and optionally its `.idx`) the way MXNet's writers do.
 
@@ -276,8 +286,8 @@ class RecordWriter:
         parts, self._parts, self._pending = self._parts, [], 0
         fd = self._file.fileno()
         while parts:
-            try:
-                done = os.writev(fd, parts)
+            try:  # a record cut at many magic words has many parts: stay under IOV_MAX
+                done = os.writev(fd, parts[: self._FLUSH_PARTS])
             except OSError as exc:  # name the file: "File too large" alone says little
                 raise OSError(exc.errno, exc.strerror, str(self._tmp)) from None
             first = 0  # skip the parts written whole, cut the one written in part
@@ -289,7 +299,10 @@ class RecordWriter:
                 parts[0] = memoryview(parts[0])[done:]
         if self._offset - self._synced >= self._SYNC_BYTES and not self._syncing():
             self._synced = self._offset
-            self._sync = threading.Thread(target=self._background_sync, args=(fd,), daemon=True)
+            # The thread syncs and closes its own descriptor: however the writer ends,
+            # it never syncs a number the writer closed and the system gave to another file.
+            own = os.dup(fd)
+            self._sync = threading.Thread(target=self._background_sync, args=(own,), daemon=True)
             self._sync.start()
 
     def _background_sync(self, fd: int) -> None:
@@ -297,6 +310,8 @@ class RecordWriter:
             os.fdatasync(fd)
         except OSError as exc:  # raised by close(), in the writing thread
             self._sync_error = exc
+        finally:
+            os.close(fd)
 
     def _syncing(self) -> bool:
         return self._sync is not None and self._sync.is_alive()
@@ -310,32 +325,34 @@ class RecordWriter:
             raise OSError(error.errno, error.strerror, str(self._tmp))
 
     def close(self) -> None:
-        """Flush, fsync and move the outputs to their final names."""
+        """Flush, fsync and move the outputs to their final names (and sync the folder)."""
         if self._file.closed:
             return
         try:
             self.flush()
             self._join_sync()
-            for handle in (self._file, self._idx):
+            for handle, tmp in ((self._file, self._tmp), (self._idx, self._idx_tmp)):
                 if handle is not None:
                     handle.flush()
-                    os.fsync(handle.fileno())
+                    try:
+                        os.fsync(handle.fileno())
+                    except OSError as exc:
+                        raise OSError(exc.errno, exc.strerror, str(tmp)) from None
                     handle.close()
+            # Drop the old .rec first, then place the .idx, then the .rec: at every instant
+            # a .rec under its final name has its own .idx beside it, never a stale one.
+            if self._idx_tmp is not None:
+                self.path.unlink(missing_ok=True)
+                os.replace(self._idx_tmp, self.idx_path)
+            os.replace(self._tmp, self.path)
         except BaseException:  # disk full at the last moment: leave no temporary behind
             self.abort()
             raise
-        # Drop the old .rec first, then place the .idx, then the .rec: at every instant a
-        # .rec under its final name has its own .idx beside it, never a stale one.
-        if self._idx_tmp is not None:
-            self.path.unlink(missing_ok=True)
-            os.replace(self._idx_tmp, self.idx_path)
-        os.replace(self._tmp, self.path)
+        _sync_folder(self.path.parent)  # the new names, too, survive a crash
 
     def abort(self) -> None:
         """Drop everything written: the temporary files are removed, finals untouched."""
-        self._parts, self._pending = [], 0
-        with contextlib.suppress(OSError):
-            self._join_sync()  # before the file it syncs is closed
+        self._parts, self._pending, self._sync = [], 0, None  # a running sync closes its own fd
         for handle, tmp in ((self._file, self._tmp), (self._idx, self._idx_tmp)):
             if handle is not None:
                 with contextlib.suppress(OSError):  # closing flushes, which may fail again

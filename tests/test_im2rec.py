@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -109,11 +110,14 @@ def test_unreadable_images_and_escaping_paths_are_skipped_not_fatal(tmp_path: Pa
     root = color_tree(tmp_path / "img", per_class=2)
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     (tmp_path / "secret.jpg").write_bytes((root / "a" / "a_0.jpg").read_bytes())
+    os.mkfifo(root / "a" / "pipe.jpg")  # opening it for reading would wait for a writer
+    (root / "a" / "folder.jpg").mkdir()
     lst = tmp_path / "ds.lst"
     lst.write_text(
         "0\t0.000000\ta/a_0.jpg\n1\t0.000000\ta/broken.jpg\n"
         "2\t0.000000\t../secret.jpg\n3\t1.000000\tb/b_1.jpg\n"
         "4\t1.000000\t/etc/hostname\n5\t1.000000\tb/missing.jpg\n"
+        "6\t0.000000\ta/pipe.jpg\n7\t0.000000\ta/folder.jpg\n"
     )
     res = run_gpurec("im2rec", tmp_path / "ds", root, "--num-thread", "2")
     assert res.returncode == 0, res.stderr
@@ -125,6 +129,7 @@ def test_unreadable_images_and_escaping_paths_are_skipped_not_fatal(tmp_path: Pa
     assert report["../secret.jpg"].startswith("path escapes the root")
     assert report["/etc/hostname"].startswith("absolute path refused")
     assert report["b/missing.jpg"].startswith("cannot read: No such file")
+    assert report["a/pipe.jpg"] == report["a/folder.jpg"] == "not a regular file"
 
 
 def test_pack_label_writes_multi_label_headers(tmp_path: Path) -> None:

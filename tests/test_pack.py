@@ -333,6 +333,14 @@ def test_list_paths_stay_under_the_root_unless_allowed(tmp_path: Path) -> None:
         ]:
             with pytest.raises(ValueError, match=why):
                 paths(rel)
+    # A folder checked once, then swapped for a link to the outside while the pack runs:
+    # the remembered check would pass, the check of the opened file does not.
+    os.close(paths.open("real/x.jpg"))
+    (root / "real").rename(root / "moved")
+    (root / "real").symlink_to(outside)
+    assert paths("real/x.jpg") == str(root / "real" / "x.jpg")  # remembered: looks fine
+    with pytest.raises(ValueError, match="symlink points outside the root"):
+        paths.open("real/x.jpg")
     assert RootPaths(root, RootRule(follow_links=True))("out_link/x.jpg") == str(
         root / "out_link" / "x.jpg"
     )

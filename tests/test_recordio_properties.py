@@ -141,6 +141,36 @@ def test_records_larger_than_the_write_batch_round_trip(tmp_path: Path) -> None:
         assert [reader[i] for i in range(len(reader))] == records
 
 
+def test_a_record_cut_at_thousands_of_magic_words_is_written_whole(tmp_path: Path) -> None:
+    """Each magic word adds two parts to a frame; writev takes at most IOV_MAX (1024)."""
+    records = [MAGIC_BYTES * 600, b"x" * 7, b"ab" + MAGIC_BYTES * 3000 + b"c", MAGIC_BYTES]
+    _write(tmp_path / "m.rec", records)
+    assert (tmp_path / "m.rec").read_bytes() == b"".join(dmlc_write_record(r) for r in records)
+    with RecordReader(tmp_path / "m.rec") as reader:
+        assert [reader[i] for i in range(len(reader))] == records
+
+
+class _OftenSynced(RecordWriter):
+    _SYNC_BYTES = 1 << 12  # a background sync every 4 KiB instead of every 32 MiB
+
+
+def test_background_syncs_leave_the_bytes_alone_and_abort_cleanly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    records = [rng.bytes(int(n)) for n in rng.integers(0, 9000, 400)]
+    with _OftenSynced(tmp_path / "s.rec", tmp_path / "s.idx") as writer:
+        for i, rec in enumerate(records):
+            writer.write(rec, key=i)
+            if i % 50 == 0:
+                writer.flush()  # each flush past 4 KiB may start a sync
+    assert (tmp_path / "s.rec").read_bytes() == b"".join(dmlc_write_record(r) for r in records)
+    writer = _OftenSynced(tmp_path / "t.rec", tmp_path / "t.idx")
+    for rec in records[:200]:
+        writer.write(rec)
+        writer.flush()
+    writer.abort()  # with a sync possibly still running
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.idx", "s.rec"]
+
+
 def _read_everything(path: Path) -> list[bytes]:
     with RecordReader(path, idx_path=None) as reader:
         return [record for _, record in reader.scan()]
