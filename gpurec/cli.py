@@ -258,10 +258,18 @@ def info(
         return
     show = Console(highlight=False, soft_wrap=True)
     for shard in result.shards:
-        indexed = "" if shard["indexed"] else " (no .idx: offsets found by walking the file)"
+        notes = []
+        if shard["layout"] == "insightface":
+            notes.append(f"InsightFace layout: {shard['other_records']} header/identity records")
+        elif shard["other_records"]:
+            notes.append(f"{shard['other_records']} header-only records (no image) left out")
+        if not shard["indexed"]:
+            notes.append(f"no .idx: index from one scan, cached in {shard['index_file']}")
+        if shard["cut"]:
+            notes.append(f"[red]cut short[/]: {shard['lost_records']} record(s) lost")
+        extra = f" ({'; '.join(notes)})" if notes else ""
         show.print(
-            f"shard   {shard['path']}: {shard['records']} records, "
-            f"{shard['bytes']:,} bytes{indexed}"
+            f"shard   {shard['path']}: {shard['records']} images, {shard['bytes']:,} bytes{extra}"
         )
     show.print(f"labels  {result.label_kind}; by {'class' if result.classes else 'label'}:")
     for name, count in result.labels.items():
@@ -275,7 +283,7 @@ def info(
             f"height {h['min']}..{h['median']:g}..{h['max']}"
         )
     typer.echo(
-        f"{result.records} records in {len(result.shards)} shard(s), {result.bytes / 1e6:.1f} MB, "
+        f"{result.records} images in {len(result.shards)} shard(s), {result.bytes / 1e6:.1f} MB, "
         f"{len(result.labels)} label value(s), {result.label_kind}"
     )
 
@@ -307,6 +315,8 @@ def verify(
             set_total(total or None)
             report = verify_dataset(recs, workers=workers, progress=advance)
     show = Console(highlight=False, soft_wrap=True)
+    for note in report.notes:
+        show.print(f"note {note}")
     for bad in report.bad[:show_max]:
         index = "-" if bad.index is None else str(bad.index)
         show.print(f"[red]bad[/]  {bad.shard}  index {index}  offset {bad.offset}  {bad.reason}")
@@ -325,9 +335,16 @@ def index(
         Path | None, typer.Option("--output", "-o", help="[default: the .idx beside REC]")
     ] = None,
     keys: Annotated[str, typer.Option(help="'id' (IRHeader ids, as im2rec) or 'position'.")] = "id",
+    intact: Annotated[
+        bool, typer.Option("--intact", help="Index the records before a cut or broken part.")
+    ] = False,
 ) -> None:
-    """Rebuild a lost or wrong .idx by scanning the .rec."""
-    from gpurec.recordio import rebuild_idx
+    """Rebuild a lost or wrong .idx by scanning the .rec.
+
+    A .rec cut short is an error (naming the byte) unless --intact: then the records
+    before the cut are indexed, so MXNet, DALI and gpurec can read them.
+    """
+    from gpurec.recordio import read_idx, rebuild_idx
 
     with _errors():
         if keys not in ("id", "position"):
@@ -335,9 +352,31 @@ def index(
         if not rec.is_file():
             raise FileNotFoundError(f"record file not found: {rec}")
         start = time.perf_counter()
-        path = rebuild_idx(rec, output, keys=keys)  # type: ignore[arg-type]
-        lines = len(path.read_text().splitlines())
-    typer.echo(f"wrote {path}: {lines} records indexed in {time.perf_counter() - start:.2f} s")
+        try:
+            path = rebuild_idx(rec, output, keys=keys, intact=intact)  # type: ignore[arg-type]
+        except RecordIOError as exc:
+            raise RecordIOError(
+                f"{exc.reason} (--intact indexes the records before it)",
+                exc.path,
+                offset=exc.offset,
+            ) from None
+        offsets = read_idx(path)[1]
+    end = _record_end(rec, offsets)
+    left = rec.stat().st_size - end
+    cut = f"; {left} bytes after byte {end} left out (cut short)" if left else ""
+    typer.echo(
+        f"wrote {path}: {len(offsets)} records indexed in {time.perf_counter() - start:.2f} s{cut}"
+    )
+
+
+def _record_end(rec: Path, offsets) -> int:
+    """Where the last indexed record of ``rec`` ends (0 for none)."""
+    from gpurec.recordio import RecordReader
+
+    if not len(offsets):
+        return 0
+    with RecordReader(rec, idx_path=None) as reader:
+        return reader.skip_at(int(max(offsets)))
 
 
 @app.command(
@@ -370,12 +409,14 @@ def show(
         options.update(source=source, batch_size=n, seed=seed, device=device,
                        last_batch="partial", num_shards=1, shard_id=0)  # fmt: skip
         options.pop("backend", None)
+        options.setdefault("on_error", "skip")  # show what can be shown, say what could not
         with Pipeline.from_config_dict(options, str(config or "show")) as pipe:
             batch = next(iter(pipe))
             classes = find_classes(pipe.dataset.paths[0])
             path = write_grid(output, picture(batch, pipe.spec, classes, raw=raw))
     h, w = pipe.spec.height, pipe.spec.width
-    typer.echo(f"wrote {path}: {len(batch.label)} images of {h}x{w}")
+    skipped = f" ({pipe.skipped} unreadable record(s) skipped)" if pipe.skipped else ""
+    typer.echo(f"wrote {path}: {len(batch.label)} images of {h}x{w}{skipped}")
 
 
 @app.command(

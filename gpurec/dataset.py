@@ -1,26 +1,64 @@
-"""Several `.rec`/`.idx` shards read as one dataset.
+"""Several `.rec` shards, whatever their layout, read as one dataset of samples.
 
 Resolves what a user passes as a source (a `.rec`, a prefix, a glob, or a list of
-those) into shards, numbers their records globally in shard order, and writes the one
-global `.idx` DALI's ``readers.mxnet`` needs when given several `.rec` files (its
-offsets count from the start of the concatenation of the files).
+those) into shards, and finds in each shard the records that are samples:
+
+- **plain** (im2rec, ``gpurec pack``, ``MXIndexedRecordIO``): every record of the `.idx`,
+  in `.idx` order.
+- **InsightFace** (MS1M, Glint360K, WebFace as `.rec`): record 0 (`.idx` key 0, flag >= 2,
+  no payload) declares the image keys ``1 .. label[0]-1``; the identity records after
+  them (no payload, label = a key range) are not samples. The samples are those keys in
+  key order, labelled as insightface's ``MXFaceDataset`` labels them (the first label).
+- **no `.idx`** (insightface's shuffled files, anything written with plain
+  ``MXRecordIO``): the records in file order, found by one scan of the frames. The scan
+  is cached (beside the file when its folder is writable, else under
+  ``$GPUREC_CACHE/index``, ``~/.cache/gpurec/index`` by default) and rebuilt when the
+  file's size or modification time changes.
+
+In every layout, header-only records (flag >= 1 labels and nothing after them, like
+InsightFace's identity records) are not samples: they hold no image.
+- **cut short** (an interrupted copy, a full disk): with ``on_error="raise"`` opening
+  fails, naming the file and the byte where it ends; with ``"skip"`` every intact record
+  is a sample and :attr:`Dataset.lost` counts the records lost (one when no `.idx` says
+  how many were there).
+
+Samples are numbered 0..N-1 in shard order; :meth:`Dataset.read` returns the record of
+sample ``i`` (IRHeader + payload), which is all the backends need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import os
 import re
-from collections.abc import Sequence
+import struct
+import sys
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gpurec.recordio import RecordIOError, RecordReader, idx_path_for, write_idx
+from gpurec.recordio import (
+    IR_SIZE,
+    IRHeader,
+    RecordIOError,
+    RecordReader,
+    header_bytes,
+    idx_path_for,
+    read_idx,
+    unpack,
+)
 
-__all__ = ["Dataset", "resolve_source"]
+__all__ = ["Dataset", "Shard", "index_cache_dir", "open_shard", "resolve_source"]
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.rec$")
+_IR = struct.Struct("<IfQQ")
+_CACHE_VERSION = 1
+_PROGRESS_BYTES = 256 << 20  # scans of larger files show a progress bar on a terminal
 
 
 def _resolve_one(item: str | os.PathLike) -> list[Path]:
@@ -63,54 +101,387 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     return out
 
 
-class Dataset:
-    """The records of several shards, numbered 0..N-1 in shard order, then `.idx` order."""
+# ------------------------------------------------------------------------------ shards
 
-    def __init__(self, recs: Sequence[Path]) -> None:
-        self.readers: list[RecordReader] = []
-        for rec in recs:
-            idx = idx_path_for(rec)
-            if not idx.is_file():
-                raise RecordIOError(
-                    f"no index {idx.name} beside the shard (rebuild it with "
-                    "gpurec.recordio.rebuild_idx)",
-                    rec,
+
+@dataclass
+class Shard:
+    """One `.rec` file: where its samples are, and what else it holds.
+
+    ``offsets`` are the byte offsets of the sample records, in sample order; ``keys``
+    their `.idx` keys (positions in the file when there is no `.idx`). ``index`` says
+    where the offsets came from: ``"idx"`` (the `.idx` beside the file), ``"cache"`` (a
+    cached scan, ``index_file``) or ``"scan"`` (scanned now). ``other`` counts records
+    that are not samples (InsightFace header and identity records), ``lost`` the records
+    lost to a cut (``end``: the error that says where the file breaks off).
+    """
+
+    reader: RecordReader
+    offsets: np.ndarray
+    keys: np.ndarray
+    layout: str  # "plain" or "insightface"
+    index: str  # "idx", "cache" or "scan"
+    index_file: Path | None = None  # the .idx, or the cached scan
+    other: int = 0
+    lost: int = 0
+    end: RecordIOError | None = None
+    first_label_only: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.reader.path
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def index_cache_dir() -> Path:
+    """Where scans of index-less files are cached when their own folder is read-only."""
+    base = os.environ.get("GPUREC_CACHE") or Path.home() / ".cache" / "gpurec"
+    return Path(base) / "index"
+
+
+def _cache_candidates(rec: Path, cache_dir: Path | None) -> list[Path]:
+    """The cached-scan files of ``rec``: beside it, then in the cache folder."""
+    name = rec.name + ".gpurec-index.npz"
+    digest = hashlib.sha1(str(rec.resolve()).encode()).hexdigest()[:16]
+    folder = index_cache_dir() if cache_dir is None else Path(cache_dir)
+    return [rec.with_name(name), folder / f"{digest}-{name}"]
+
+
+@dataclass
+class _Scan:
+    """What one walk over a `.rec` found: record offsets, which records are samples, and
+    what stopped the walk early (None: the file ended on a record boundary)."""
+
+    offsets: np.ndarray
+    samples: np.ndarray  # bool per record
+    end_offset: int | None = None
+    end_reason: str | None = None
+
+
+def _scan(reader: RecordReader, progress: Callable[[int], None] | None) -> _Scan:
+    """Walk every frame of ``reader``'s file once, noting each record's offset and
+    whether it is header-only (flag >= 1 and nothing after the labels: InsightFace's
+    header and identity records), up to the end or the first record that breaks."""
+    offsets: list[int] = []
+    pos, size, reported = 0, reader.size, 0
+    end_offset = end_reason = None
+    while pos < size:
+        try:
+            nxt = reader.skip_at(pos)
+        except RecordIOError as exc:
+            end_offset, end_reason = pos, exc.reason
+            break
+        offsets.append(pos)
+        pos = nxt
+        if progress is not None and pos - reported >= 1 << 24:
+            progress(pos - reported)
+            reported = pos
+    if progress is not None:
+        progress(pos - reported)
+    found = np.array(offsets, dtype=np.int64)
+    return _Scan(found, ~reader.header_only(found), end_offset, end_reason)
+
+
+@contextlib.contextmanager
+def _scan_progress(rec: Path, size: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar for the scan of a large file, on a terminal only."""
+    if size < _PROGRESS_BYTES or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"indexing {rec.name} (no .idx; once)", total=size)
+        yield lambda n: bar.advance(task, n)
+
+
+def _load_cached(path: Path, stat: os.stat_result) -> _Scan | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ok = (
+                int(z["version"]) == _CACHE_VERSION
+                and int(z["size"]) == stat.st_size
+                and int(z["mtime_ns"]) == stat.st_mtime_ns
+            )
+            if not ok:
+                return None
+            end = int(z["end_offset"])
+            return _Scan(
+                z["offsets"].astype(np.int64),
+                z["samples"].astype(bool),
+                None if end < 0 else end,
+                str(z["end_reason"]) or None,
+            )
+    except (OSError, ValueError, KeyError):  # missing, unreadable or not ours: rescan
+        return None
+
+
+def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> Path | None:
+    """Write the scan atomically to the first place that takes it; None if none does."""
+    for path in candidates:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    version=_CACHE_VERSION,
+                    size=stat.st_size,
+                    mtime_ns=stat.st_mtime_ns,
+                    offsets=scan.offsets,
+                    samples=scan.samples,
+                    end_offset=-1 if scan.end_offset is None else scan.end_offset,
+                    end_reason=scan.end_reason or "",
                 )
-            self.readers.append(RecordReader(rec, idx))
-        sizes = np.array([len(r) for r in self.readers], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])
-        if self.starts[-1] == 0:
+            os.replace(tmp, path)
+            return path
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return None
+
+
+def _cut_error(rec: Path, size: int, at: int, reason: str, intact: int, lost: str) -> RecordIOError:
+    return RecordIOError(
+        f"the file is cut short or broken: it ends at byte {size}, and the record at byte "
+        f"{at} cannot be read ({reason}); {intact} intact record(s) before it, {lost}. "
+        "on_error='skip' loads the intact records; `gpurec index --intact` indexes them",
+        rec,
+        offset=at,
+    )
+
+
+def _open_indexed(reader: RecordReader, idx: Path, on_error: str) -> Shard:
+    keys, offsets = read_idx(idx)
+    rec, size = reader.path, reader.size
+    misplaced = reader.misplaced(offsets)
+    past_end = misplaced & (offsets + 8 > size) & (offsets >= 0)
+    if (misplaced & ~past_end).any():  # a wrong .idx, not a short file: always an error
+        reader._check_offsets(offsets)
+    lost_mask = past_end.copy()
+    end = None
+    if len(offsets) and not past_end.all():  # only the last record can be cut part-way
+        last = int(np.argmax(np.where(past_end, -1, offsets)))
+        try:
+            reader.skip_at(int(offsets[last]))
+        except RecordIOError as exc:
+            lost_mask |= offsets == offsets[last]
+            end = exc
+    if lost_mask.any():
+        first_lost = int(offsets[lost_mask].min())
+        reason = end.reason if end is not None else "past the end of the file"
+        intact = int((~lost_mask).sum())
+        lost = f"{int(lost_mask.sum())} lost"
+        error = _cut_error(rec, size, first_lost, reason, intact, lost)
+        if on_error == "raise":
+            raise error
+        keys, offsets = keys[~lost_mask], offsets[~lost_mask]
+        end = error
+    lost = int(lost_mask.sum())
+    shard = Shard(reader, offsets, keys, "plain", "idx", idx, lost=lost, end=end)
+    insightface = _insightface(shard, on_error)
+    if insightface is not None:
+        return insightface
+    image = ~reader.header_only(offsets)  # e.g. InsightFace identity records, key 0 cut off
+    if not image.all():
+        shard.keys, shard.offsets, shard.other = keys[image], offsets[image], int((~image).sum())
+    return shard
+
+
+def _insightface(shard: Shard, on_error: str) -> Shard | None:
+    """The InsightFace view of an indexed shard whose key 0 is a header-only record with
+    flag >= 2, or None. Keys ``1 .. label[0]-1`` are the samples, as ``MXFaceDataset``
+    reads them (the `.idx` as a dict: the last line of a key wins)."""
+    keys, offsets, reader = shard.keys, shard.offsets, shard.reader
+    zero = np.flatnonzero(keys == 0)
+    if not len(zero):
+        return None
+    at = int(offsets[zero[-1]])
+    cflag, length = reader.frame_at(at)
+    head = reader.head_at(at, min(length, IR_SIZE + 8))
+    if cflag != 0 or len(head) < IR_SIZE + 8:
+        return None
+    flag, *_ = _IR.unpack_from(head)
+    if flag < 2 or length != IR_SIZE + 4 * flag:
+        return None
+    first_end = int(np.frombuffer(head, "<f4", 1, IR_SIZE)[0])
+    # Last line of each key wins: unique keys of the reversed table, then sorted.
+    rev_keys, rev_pos = np.unique(keys[::-1], return_index=True)
+    key_offsets = offsets[::-1][rev_pos]
+    want = np.arange(1, max(first_end, 1), dtype=np.int64)
+    where = np.searchsorted(rev_keys, want)
+    found = (where < len(rev_keys)) & (rev_keys[np.minimum(where, len(rev_keys) - 1)] == want)
+    missing = int((~found).sum())
+    if missing and on_error == "raise" and not shard.lost:
+        raise RecordIOError(
+            f"InsightFace header (key 0) declares image keys 1..{first_end - 1}, but "
+            f"{missing} of them are not in the .idx (first: key {int(want[~found][0])})",
+            shard.index_file,
+        )
+    sample_keys = want[found]
+    return Shard(
+        reader,
+        key_offsets[where[found]],
+        sample_keys,
+        "insightface",
+        shard.index,
+        shard.index_file,
+        other=len(rev_keys) - len(sample_keys),
+        lost=shard.lost + (missing if not shard.lost else 0),
+        end=shard.end,
+        first_label_only=True,
+    )
+
+
+def _open_scanned(reader: RecordReader, on_error: str, cache_dir: Path | None) -> Shard:
+    rec = reader.path
+    stat = os.stat(rec)
+    candidates = _cache_candidates(rec, cache_dir)
+    source, index_file, scan = "cache", None, None
+    for path in candidates:
+        scan = _load_cached(path, stat)
+        if scan is not None:
+            index_file = path
+            break
+    if scan is None:
+        with _scan_progress(rec, reader.size) as progress:
+            scan = _scan(reader, progress)
+        source, index_file = "scan", _store_cached(candidates, stat, scan)
+    end = None
+    if scan.end_offset is not None:
+        end = _cut_error(
+            rec, reader.size, scan.end_offset, scan.end_reason or "", len(scan.offsets),
+            "the rest is lost (no .idx says how many records it held)",
+        )  # fmt: skip
+        if on_error == "raise":
+            raise end
+    offsets = scan.offsets[scan.samples]
+    keys = np.flatnonzero(scan.samples).astype(np.int64)
+    other = int((~scan.samples).sum())
+    return Shard(
+        reader, offsets, keys, "plain", source, index_file,
+        other=other, lost=int(end is not None), end=end,
+    )  # fmt: skip
+
+
+def open_shard(
+    rec: str | os.PathLike, on_error: str = "raise", cache_dir: str | os.PathLike | None = None
+) -> Shard:
+    """Open one `.rec` and find its samples (see the module docstring for the layouts)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    reader = RecordReader(rec, idx_path=None)
+    try:
+        idx = idx_path_for(reader.path)
+        if idx.is_file() and idx != reader.path:
+            return _open_indexed(reader, idx, on_error)
+        return _open_scanned(reader, on_error, None if cache_dir is None else Path(cache_dir))
+    except BaseException:
+        reader.close()
+        raise
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class Dataset:
+    """The samples of several shards, numbered 0..N-1 in shard order.
+
+    ``on_error="skip"`` opens shards that are cut short with their intact records
+    (:attr:`lost` counts the rest); ``"raise"`` refuses them, naming file and byte.
+    """
+
+    def __init__(
+        self,
+        recs: Sequence[str | os.PathLike],
+        *,
+        on_error: str = "raise",
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.shards: list[Shard] = []
+        try:
+            for rec in recs:
+                self.shards.append(open_shard(rec, on_error, cache_dir))
+        except BaseException:
+            self.close()
+            raise
+        self.shard_sizes = [len(s) for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        self._starts = self.starts.tolist()
+        self._offsets = [s.offsets.tolist() for s in self.shards]
+        self.lost = sum(s.lost for s in self.shards)
+        if self._starts[-1] == 0:
             raise ValueError(f"the source holds no records: {', '.join(map(str, recs))}")
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self._starts[-1]
 
     @property
     def paths(self) -> list[Path]:
-        return [r.path for r in self.readers]
+        return [s.path for s in self.shards]
+
+    @property
+    def readers(self) -> list[RecordReader]:
+        return [s.reader for s in self.shards]
 
     def locate(self, i: int) -> tuple[int, int]:
-        """(shard number, position in that shard) of global record ``i``."""
-        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return shard, int(i - self.starts[shard])
+        """(shard number, position among that shard's samples) of sample ``i``."""
+        if not 0 <= i < self._starts[-1]:
+            raise IndexError(f"sample {i} out of range: the dataset has {len(self)}")
+        shard = bisect_right(self._starts, i) - 1
+        return shard, i - self._starts[shard]
+
+    def offset(self, i: int) -> int:
+        """Byte offset of sample ``i``'s record in its shard."""
+        shard, pos = self.locate(i)
+        return self._offsets[shard][pos]
 
     def read(self, i: int) -> bytes:
+        """The record of sample ``i`` (IRHeader, labels, image bytes)."""
         shard, pos = self.locate(i)
-        return self.readers[shard][pos]
+        s = self.shards[shard]
+        record = s.reader.read_at(self._offsets[shard][pos])[0]
+        if s.first_label_only and record[:4] != b"\0\0\0\0" and len(record) >= IR_SIZE:
+            try:  # InsightFace: MXFaceDataset takes the first label of a multi-label image
+                header, payload = unpack(record)
+            except RecordIOError:
+                return record  # the backend reports it, naming the record
+            label = float(np.atleast_1d(header.label)[0]) if np.size(header.label) else 0.0
+            return header_bytes(IRHeader(0, label, header.id, header.id2)) + payload
+        return record
+
+    def name(self, i: int) -> str:
+        """``record K`` (K: the position among the shard's samples) or, in an indexed
+        InsightFace file, ``key K``: how a record is named within its shard."""
+        shard, pos = self.locate(i)
+        s = self.shards[shard]
+        if s.layout == "insightface" and s.index == "idx":
+            return f"key {int(s.keys[pos])}"
+        return f"record {pos}"
 
     def where(self, i: int) -> str:
         """``shard.rec record K at byte B``: how errors name a record."""
         shard, pos = self.locate(i)
-        reader = self.readers[shard]
-        return f"{reader.path} record {pos} at byte {int(reader.offsets[pos])}"
+        return f"{self.shards[shard].path} {self.name(i)} at byte {self._offsets[shard][pos]}"
 
     def write_global_idx(self, path: Path) -> Path:
-        """One `.idx` whose offsets count over the concatenation of the shards."""
-        bases = np.concatenate([[0], np.cumsum([r.size for r in self.readers])])
-        offsets = np.concatenate([r.offsets + bases[k] for k, r in enumerate(self.readers)])
+        """One `.idx` whose offsets count over the concatenation of the shards (DALI's
+        ``readers.mxnet`` takes one index for several files)."""
+        from gpurec.recordio import write_idx
+
+        bases = np.cumsum([0] + [s.reader.size for s in self.shards])
+        offsets = np.concatenate([s.offsets + bases[k] for k, s in enumerate(self.shards)])
         write_idx(path, np.arange(len(offsets)), offsets)
         return path
 
     def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
+        for shard in self.shards:
+            shard.reader.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from gpurec.dataset import resolve_source
+from gpurec.dataset import Dataset, resolve_source
 from gpurec.recordio import (
     IR_SIZE,
     RecordIOError,
@@ -74,27 +74,31 @@ def info(
     """Records per shard, bytes, the label histogram, header flags, and image formats
     and sizes measured on ``sample`` records drawn at random."""
     recs = resolve_source(source)
-    shards, flags, firsts, readers = [], Counter(), Counter(), []
-    for rec in recs:
-        idx = idx_path_for(rec)
-        reader = RecordReader(rec, idx if idx.is_file() else None)
-        readers.append(reader)
-        for i in range(len(reader)):
-            head = reader.head(i, IR_SIZE)
+    shards, flags, firsts = [], Counter(), Counter()
+    dataset = Dataset(recs, on_error="skip")
+    for shard in dataset.shards:
+        reader = shard.reader
+        for offset in shard.offsets.tolist():
+            head = reader.head_at(offset, IR_SIZE)
             if len(head) < IR_SIZE:
-                raise RecordIOError(
-                    f"record {i} has no IRHeader", rec, offset=int(reader.offsets[i])
-                )
+                raise RecordIOError("record has no IRHeader", shard.path, offset=offset)
             flag = int.from_bytes(head[:4], "little")
-            flags[flag] += 1
-            if flag == 0:
-                firsts[float(np.frombuffer(head, "<f4", 1, 4)[0])] += 1
+            if flag == 0 or shard.first_label_only:
+                flags[0] += 1
             else:
-                firsts[float(np.frombuffer(reader.head(i, IR_SIZE + 4), "<f4", 1, IR_SIZE)[0])] += 1
+                flags[flag] += 1
+            if flag:  # multi-label: count the first label
+                head = reader.head_at(offset, IR_SIZE + 4)
+            firsts[float(np.frombuffer(head, "<f4", 1, IR_SIZE if flag else 4)[0])] += 1
             if progress is not None:
                 progress(1)
-        shards.append({"path": str(rec), "records": len(reader), "bytes": reader.size,
-                       "indexed": reader.idx_path is not None})  # fmt: skip
+        shards.append({
+            "path": str(shard.path), "records": len(shard), "bytes": reader.size,
+            "indexed": shard.index == "idx", "layout": shard.layout, "index": shard.index,
+            "index_file": None if shard.index_file is None else str(shard.index_file),
+            "other_records": shard.other, "lost_records": shard.lost,
+            "cut": None if shard.end is None else str(shard.end),
+        })  # fmt: skip
     classes = find_classes(recs[0])
 
     def name(label: float) -> str:
@@ -107,11 +111,9 @@ def info(
     total = sum(s["records"] for s in shards)
     rng = random.Random(seed)
     picks = sorted(rng.sample(range(total), min(sample, total)))
-    starts = np.cumsum([0] + [s["records"] for s in shards])
     widths, heights, formats = [], [], Counter()
     for g in picks:
-        k = int(np.searchsorted(starts, g, side="right")) - 1
-        payload = unpack(readers[k][g - int(starts[k])])[1]
+        payload = unpack(dataset.read(g))[1]
         try:
             image = sniff(payload)
         except ImageError as exc:
@@ -127,8 +129,7 @@ def info(
             image_w, image_h = image.width, image.height
         widths.append(image_w)
         heights.append(image_h)
-    for reader in readers:
-        reader.close()
+    dataset.close()
 
     def stats(values: list[int]) -> dict:
         if not values:
@@ -164,6 +165,7 @@ class BadRecord:
 class VerifyReport:
     records: int = 0
     bad: list[BadRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts that are not faults
 
     @property
     def ok(self) -> bool:
@@ -217,8 +219,8 @@ def verify(
             complete = broken is None
             idx = idx_path_for(rec)
             offsets: list[int] = walked
-            if not idx.is_file():
-                report.bad.append(BadRecord(str(rec), None, 0, f"no index {idx.name}"))
+            if not idx.is_file():  # a layout of its own (MXRecordIO files), not a fault
+                report.notes.append(f"{rec}: no {idx.name}; records found by walking the file")
             else:
                 try:
                     offsets = read_idx(idx)[1].tolist()
@@ -236,7 +238,13 @@ def verify(
             if broken is not None:
                 at = broken.offset or 0
                 position = offsets.index(at) if at in offsets else None
-                report.bad.append(BadRecord(str(rec), position, at, broken.reason))
+                size = rec.stat().st_size
+                reason = (
+                    f"file cut short or broken at the record at byte {at} (it ends at byte "
+                    f"{size}): {broken.reason}; {len(walked)} intact record(s) before it "
+                    "(`gpurec index --intact` indexes them, on_error='skip' loads them)"
+                )
+                report.bad.append(BadRecord(str(rec), position, at, reason))
             listed = None
             lst = rec.with_suffix(".lst")
             if lst.is_file():
@@ -246,13 +254,22 @@ def verify(
                     report.bad.append(BadRecord(str(rec), None, 0, f"{lst.name}: {exc}"))
             reported = {b.offset for b in report.bad if b.shard == str(rec)}
             with RecordReader(rec, idx_path=None) as reader:
+                known = np.array([o for o in offsets if o not in reported], dtype=np.int64)
+                ok = known[~reader.misplaced(known)]
+                # header-only records (InsightFace's header and identity records) hold no
+                # image: their header is checked, not decoded
+                headers = set(ok[reader.header_only(ok)].tolist())
 
                 def check(
-                    item: tuple[int, int], reader=reader, listed=listed
+                    item: tuple[int, int], reader=reader, listed=listed, headers=headers
                 ) -> tuple[int, int, str | None]:
                     i, offset = item
                     try:
-                        return i, offset, _record_problem(reader.read_at(offset)[0], listed)
+                        record = reader.read_at(offset)[0]
+                        if offset in headers:
+                            unpack(record)
+                            return i, offset, None
+                        return i, offset, _record_problem(record, listed)
                     except RecordIOError as exc:
                         return i, offset, exc.reason
 

@@ -386,6 +386,8 @@ def _read_frames(
     pos = offset
     while True:
         if pos + 8 > size:
+            if pos >= size:
+                raise RecordIOError(f"past the end of the {size}-byte file", path, offset=pos)
             raise RecordIOError(
                 f"truncated record: {size - pos} bytes left, a frame header needs 8",
                 path,
@@ -458,16 +460,39 @@ class RecordReader:
             self._check_offsets(offsets)
             self._keys, self._offsets = keys, offsets
 
+    def misplaced(self, offsets: np.ndarray) -> np.ndarray:
+        """Which ``offsets`` cannot be record starts of this file (vectorised): negative,
+        unaligned, past the end, or not on a magic word opening a record (cflag 0 or 1).
+        """
+        offsets = np.asarray(offsets, dtype=np.int64)
+        bad = (offsets < 0) | (offsets % 4 != 0) | (offsets + 8 > self.size)
+        if len(offsets) and not bad.all():
+            words = np.frombuffer(self._mm, dtype="<u4", count=self.size // 4)
+            w = np.where(bad, 0, offsets // 4)
+            bad |= (words[w] != MAGIC) | ((words[w + 1] >> 29) > 1)
+            del words  # release the buffer export so the map can close
+        return bad
+
+    def header_only(self, offsets: np.ndarray) -> np.ndarray:
+        """Which records (at valid ``offsets``) hold an IRHeader with labels and nothing
+        after them, as InsightFace's header and identity records do: they have no image.
+        Read from the first frame of each record, vectorised (no record is read)."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if not len(offsets) or self.size < 12:
+            return np.zeros(len(offsets), dtype=bool)
+        words = np.frombuffer(self._mm, dtype="<u4", count=self.size // 4)
+        w = offsets // 4
+        lrec = words[w + 1].astype(np.int64)
+        flag = words[np.minimum(w + 2, len(words) - 1)].astype(np.int64)
+        del words  # release the buffer export so the map can close
+        length = lrec & _LEN_MASK
+        return ((lrec >> 29) == 0) & (flag >= 1) & (length == IR_SIZE + 4 * flag)
+
     def _check_offsets(self, offsets: np.ndarray) -> None:
         """Every `.idx` offset must point at a record start of this `.rec` (vectorised)."""
         if not len(offsets):
             return
-        bad = (offsets < 0) | (offsets % 4 != 0) | (offsets + 8 > self.size)
-        if not bad.any():
-            words = np.frombuffer(self._mm, dtype="<u4", count=self.size // 4)
-            w = offsets // 4
-            bad = (words[w] != MAGIC) | ((words[w + 1] >> 29) > 1)
-            del words  # release the buffer export so the map can close
+        bad = self.misplaced(offsets)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             off = int(offsets[i])
@@ -529,13 +554,29 @@ class RecordReader:
     def head(self, i: int, n: int = IR_SIZE) -> bytes:
         """The first ``n`` bytes of record ``i`` (its IRHeader by default), read from the
         first frame alone when it is long enough: header scans skip the image bytes."""
-        offset = int(self.offsets[i])
+        return self.head_at(int(self.offsets[i]), n)
+
+    def head_at(self, offset: int, n: int = IR_SIZE) -> bytes:
+        """The first ``n`` bytes of the record at byte ``offset`` (see :meth:`head`)."""
+        offset = int(offset)
         if offset + 8 <= self.size:
             magic, lrec = _FRAME.unpack_from(self._mm, offset)
             whole = lrec >> 29 in (0, 1) and (lrec & _LEN_MASK) >= n
             if magic == MAGIC and whole and offset + 8 + n <= self.size:
                 return self._mm[offset + 8 : offset + 8 + n]
-        return self[i][:n]
+        return self.read_at(offset)[0][:n]
+
+    def frame_at(self, offset: int) -> tuple[int, int]:
+        """(cflag, length) of the first frame of the record at byte ``offset``: an unsplit
+        record (cflag 0) is that long, so tiny header-only records are found unread."""
+        magic, lrec = _FRAME.unpack_from(self._mm, int(offset))
+        if magic != MAGIC:
+            raise RecordIOError(f"bad magic 0x{magic:08x}", self.path, offset=int(offset))
+        return lrec >> 29, lrec & _LEN_MASK
+
+    def skip_at(self, offset: int) -> int:
+        """The offset after the record at byte ``offset``, walking its frames unread."""
+        return _read_frames(self._mm, self.size, int(offset), self.path, False)[1]
 
     def unpack(self, i: int) -> tuple[IRHeader, bytes]:
         """Record ``i`` split into its IRHeader and payload; errors name file and offset."""
@@ -693,18 +734,24 @@ def rebuild_idx(
     idx_path: PathLike | None = None,
     *,
     keys: Literal["id", "position"] = "id",
+    intact: bool = False,
 ) -> Path:
     """Recreate the `.idx` of a `.rec` by scanning it; returns the `.idx` path.
 
     ``keys="id"`` keys each record by its IRHeader id, which is what im2rec and
     ``MXIndexedRecordIO`` users write; ``"position"`` numbers records 0..n-1.
+    A file that is cut short (or broken) raises, naming where; with ``intact=True`` the
+    records before that point are indexed and the rest is left out.
     """
     rec_path = Path(rec_path)
     idx_path = idx_path_for(rec_path) if idx_path is None else Path(idx_path)
     key_list: list[int] = []
     offsets: list[int] = []
     with RecordReader(rec_path, idx_path=None) as reader:
-        for offset, record in reader.scan():
+        records = reader.scan()
+        if intact:
+            records = _until_broken(records)
+        for offset, record in records:
             if keys == "id":
                 if len(record) < IR_SIZE:
                     raise RecordIOError(
@@ -718,6 +765,12 @@ def rebuild_idx(
             offsets.append(offset)
     write_idx(idx_path, key_list, offsets)
     return idx_path
+
+
+def _until_broken(records: Iterator[tuple[int, bytes | None]]):
+    """The records of a scan up to the first one that cannot be read."""
+    with contextlib.suppress(RecordIOError):
+        yield from records
 
 
 # --------------------------------------------------------------------------------- .lst

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from bisect import bisect_right
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -120,8 +119,6 @@ class CPUBackend:
         self.spec = spec = pipe.spec
         self.dataset = pipe.dataset
         self.label_width = pipe.label_width
-        self._readers = self.dataset.readers
-        self._starts = self.dataset.starts.tolist()
         self._dtype = np.dtype(spec.dtype)
         self._nchw = spec.layout == "NCHW"
         # Normalising as cv2.LUT lookups; float16 tables go through as their uint16 bits.
@@ -143,15 +140,18 @@ class CPUBackend:
 
     # ---------------------------------------------------------------------- records
     def _unpack(self, index: int):
-        shard = bisect_right(self._starts, index) - 1
-        pos = index - self._starts[shard]
         try:
-            return unpack(self._readers[shard][pos])
+            return unpack(self.dataset.read(index))
         except RecordIOError as exc:
-            reader = self._readers[shard]
-            raise RecordIOError(
-                f"record {pos}: {exc.reason}", reader.path, offset=int(reader.offsets[pos])
-            ) from None
+            raise self._error(index, exc.reason) from None
+
+    def _error(self, index: int, reason: str) -> RecordIOError:
+        """An error naming the shard, the record and its byte offset."""
+        dataset = self.dataset
+        shard = dataset.locate(index)[0]
+        return RecordIOError(
+            f"{dataset.name(index)}: {reason}", dataset.paths[shard], offset=dataset.offset(index)
+        )
 
     def _label(self, header, index: int) -> np.ndarray:
         label = np.atleast_1d(np.asarray(header.label, np.float32))
@@ -280,11 +280,7 @@ class CPUBackend:
         try:
             img, rgb = self._pixels(payload, draws, angle, shear, jitter, scratch[0])
         except ImageError as exc:
-            shard, pos = self.dataset.locate(index)
-            reader = self.dataset.readers[shard]
-            raise RecordIOError(
-                f"record {pos}: {exc}", reader.path, offset=int(reader.offsets[pos])
-            ) from None
+            raise self._error(index, str(exc)) from None
         self._write(img, rgb, mirror, data[i], scratch)
 
     def _task(self, items: list[tuple], data: np.ndarray, labels: np.ndarray,
@@ -305,9 +301,9 @@ class CPUBackend:
         return errors
 
     # ----------------------------------------------------------------------- batches
-    def _draws(self, epoch: int, batch: int, n: int) -> list[tuple]:
+    def _draws(self, epoch: int, batch: int, n: int, extra: tuple = ()) -> list[tuple]:
         spec = self.spec
-        rng = np.random.default_rng([self.pipe.seed, epoch, batch, 1])
+        rng = np.random.default_rng([self.pipe.seed, epoch, batch, 1, *extra])
         crop = rng.random((n, ATTEMPTS, 4)) if spec.rand_crop else [None] * n
         mirror = rng.random(n) < 0.5 if spec.rand_mirror else np.zeros(n, bool)
         angle = rng.uniform(-1, 1, n) * spec.max_rotate_angle
@@ -333,11 +329,12 @@ class CPUBackend:
                 return buf
         return np.empty(shape, self._dtype)
 
-    def _submit(self, epoch: int, batch: int, indices: np.ndarray):
+    def _submit(self, epoch: int, batch: int, indices: np.ndarray, extra: tuple = ()):
         n = len(indices)
         data = self._new_batch(n)
         labels = np.empty((n, self.label_width), np.float32)
-        items = list(zip(range(n), indices.tolist(), self._draws(epoch, batch, n), strict=True))
+        items = list(zip(range(n), indices.tolist(), self._draws(epoch, batch, n, extra),
+                         strict=True))  # fmt: skip
         stop = self.pipe.on_error == "raise"
         futures = [
             self._pool.submit(self._task, items[k : k + self._chunk], data, labels, stop)
@@ -370,17 +367,20 @@ class CPUBackend:
             self.pipe.skipped += len(failed)
         return data, labels
 
-    def run_epoch(self, epoch: int, start: int):
-        """Yield (data, labels, real count) for batches ``start..`` of ``epoch``."""
-        pipe, bs = self.pipe, self.pipe.batch_size
-        order = pipe.epoch_order(epoch)
+    def run_epoch(self, plan, start: int):
+        """Yield (data, labels, real count) for batches ``start..`` of ``plan`` (a
+        :class:`gpurec.order.Plan`)."""
+        pipe, epoch = self.pipe, plan.epoch
+        # Random draws follow (seed, epoch, batch); a part of an epoch laid out again by
+        # an elastic resume gets draws of its own.
+        extra = (len(plan.segments),) if plan.segments else ()
         pending: deque = deque()
-        todo = iter(range(start, len(pipe)))
+        todo = iter(range(start, plan.batches))
 
         def submit_next() -> None:
             b = next(todo, None)
             if b is not None:
-                pending.append((b, *self._submit(epoch, b, order[b * bs : (b + 1) * bs])))
+                pending.append((b, *self._submit(epoch, b, plan.batch(b), extra)))
 
         try:
             for _ in range(pipe.prefetch):
@@ -392,7 +392,7 @@ class CPUBackend:
                 if self.label_width == 1:
                     labels = labels[:, 0]
                 self._handed.append(data)
-                yield data, labels, pipe.real_count(pipe.shard_id, b)
+                yield data, labels, plan.real[b]
                 del data  # so that its buffer can be reused once the caller drops it
         finally:
             for _, _, _, futures in pending:
