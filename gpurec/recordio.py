@@ -115,7 +115,8 @@ def header_bytes(header: IRHeader | Sequence) -> bytes:
     """The bytes :func:`pack` puts before a payload: the IRHeader, then any labels."""
     _, label, rid, rid2 = header
     if isinstance(label, (int, float, np.integer, np.floating)):
-        return _IR.pack(0, float(label), rid, rid2)
+        with np.errstate(over="ignore"):  # float32 as MXNet stores it: 1e40 becomes inf
+            return _IR.pack(0, float(np.float32(label)), rid, rid2)
     labels = np.asarray(label, dtype=np.float32).ravel()
     return _IR.pack(labels.size, 0.0, rid, rid2) + labels.astype("<f4").tobytes()
 
@@ -684,6 +685,14 @@ def _idx_text(keys: Iterable[int], offsets: Iterable[int]) -> bytes:
     return np.concatenate(chars, axis=1)[np.concatenate(keep, axis=1)].tobytes()
 
 
+def _between_tabs(data: bytes) -> bytes:
+    """The tabs and newlines of ``data`` with each tab followed by the next separator: a
+    tab there means two tabs on one line (``1\t2\t3``), which the counts alone miss."""
+    raw = np.frombuffer(data, np.uint8)
+    seps = raw[(raw == 9) | (raw == 10)]
+    return bytes(seps[1:][seps[:-1] == 9])
+
+
 def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Keys and offsets of an `.idx` file as two int64 arrays, in file order.
 
@@ -694,7 +703,7 @@ def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     data = Path(path).read_bytes()
     rows = _content_lines(data)
     fields = data.split()
-    if len(fields) == 2 * rows and data.count(b"\t") == rows:
+    if len(fields) == 2 * rows and data.count(b"\t") == rows and b"\t" not in _between_tabs(data):
         try:
             table = np.array(fields, dtype=np.int64).reshape(-1, 2)
             return table[:, 0].copy(), table[:, 1].copy()

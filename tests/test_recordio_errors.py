@@ -93,6 +93,9 @@ def test_malformed_idx_names_the_line(tmp_path: Path, rec: Path) -> None:
     idx.write_text("0\t0\n1 2\n")
     with pytest.raises(RecordIOError, match=r"m\.idx:2: expected 'key<TAB>offset'"):
         read_idx(idx)
+    idx.write_text("1\t2\t3\n4\n")  # the counts of tabs and fields look right, the lines do not
+    with pytest.raises(RecordIOError, match=r"m\.idx:1: expected 'key<TAB>offset'"):
+        read_idx(idx)
 
 
 def test_too_large_record_is_refused_before_writing(tmp_path: Path) -> None:
