@@ -7,19 +7,20 @@ is padded), checkpoints, and the hand-off of arrays to the caller (NumPy for
 a batch's records into pixels: :mod:`gpurec.backends.dali` (NVIDIA DALI, on the GPU or
 in its CPU mode) and :mod:`gpurec.backends.cpu` (OpenCV and NumPy).
 
-Ranks: ``shard_id``/``num_shards`` default to ``RANK``/``WORLD_SIZE`` (torchrun). Rank
-``k`` of ``S`` reads records ``[N*k//S, N*(k+1)//S)`` of the epoch's order; every rank
-gets ``floor(min share / batch)`` batches with ``last_batch="drop"`` and
-``ceil(max share / batch)`` with ``"pad"`` (repeats of the rank's last record fill the
-batch, ``batch.pad`` counts them) or ``"partial"`` (the padding is cut off, but a batch
-is never empty). The CPU backend draws a new global permutation every epoch; DALI's
-reader shuffles within a buffer and moves each rank to the next shard every epoch.
+The order of records is gpurec's own, one implementation for both backends
+(:mod:`gpurec.order`): every epoch a new global permutation of all records of all shards
+(or file order without ``shuffle``), rank ``k`` of ``S`` reading the slice
+``[N*k//S, N*(k+1)//S)`` of it; every rank gets ``floor(min share / batch)`` batches
+with ``last_batch="drop"`` and ``ceil(max share / batch)`` with ``"pad"`` (repeats of the
+rank's last record fill the batch, ``batch.pad`` counts them) or ``"partial"`` (the
+padding is cut off, but a batch is never empty). Both backends read the records through
+:class:`gpurec.dataset.Dataset`; DALI only decodes and augments what gpurec feeds it, so
+for the same seed, epoch and rank both hand out the same records in the same order.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,11 +30,10 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 from gpurec.dataset import Dataset, resolve_source
+from gpurec.order import LAST_BATCH, Plan, Segment, batches_for, plan, rank_range
 from gpurec.recordio import RecordIOError
 
 __all__ = ["Batch", "Pipeline", "rank_range"]
-
-LAST_BATCH = ("drop", "pad", "partial")
 
 
 @dataclass
@@ -47,11 +47,6 @@ class Batch:
     def __iter__(self):  # ``data, label = batch``
         yield self.data
         yield self.label
-
-
-def rank_range(n: int, num_shards: int, shard_id: int) -> tuple[int, int]:
-    """The slice of an epoch's ``n`` records that rank ``shard_id`` reads (as DALI cuts)."""
-    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
 
 
 def _env_int(name: str) -> int | None:
@@ -77,9 +72,11 @@ class Pipeline:
     ``"cpu"`` (OpenCV, no DALI needed) or ``"auto"`` (DALI on the GPU; on the CPU the
     OpenCV backend, which measured faster than DALI's CPU mode here). Augmentation
     keywords are :class:`AugmentSpec` fields.
-    ``shuffle`` defaults to ``train``. ``on_error="skip"`` (CPU backend) replaces a
-    record that does not decode by the next good one of its batch and counts it in
-    ``pipe.skipped``; ``"raise"`` stops with the shard, record and byte offset.
+    ``shuffle`` defaults to ``train``: a new global permutation every epoch, the same on
+    both backends. ``on_error="skip"`` (both backends) replaces a record that does not
+    decode by a good one of its batch and counts it in ``pipe.skipped``; ``"raise"``
+    stops with the shard, record and byte offset. ``prefetch``: batches read and
+    decoded ahead of the caller.
     """
 
     def __init__(
@@ -99,6 +96,9 @@ class Pipeline:
         on_error: str = "raise",
         num_threads: int | None = None,
         prefetch: int = 2,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | None = None,
+        storage_options: dict | None = None,
         **augment: Any,
     ) -> None:
         unknown = sorted(set(augment) - AugmentSpec.names())
@@ -134,21 +134,20 @@ class Pipeline:
         self.epoch = 0  # the epoch being read, or the next to start
         self._next_batch = 0  # the next unseen batch of that epoch
         self._resume = False  # set by load_state_dict: the next iter() continues self.epoch
+        self._segments: tuple[Segment, ...] = ()  # earlier layouts of self.epoch (elastic)
 
-        self.dataset = Dataset(resolve_source(source))
+        remote = dict(cache_dir=cache_dir, cache_limit=cache_limit, storage_options=storage_options)
+        self.dataset = Dataset(resolve_source(source, **remote), on_error=on_error)
+        self.skipped = self.dataset.lost  # records lost to files cut short
         n = len(self.dataset)
         if n < num_shards:
             raise ValueError(f"{n} records cannot be shared by {num_shards} ranks")
-        shares = [b - a for a, b in (rank_range(n, num_shards, k) for k in range(num_shards))]
-        if last_batch == "drop":
-            self._batches = min(shares) // batch_size
-            if self._batches == 0:
-                raise ValueError(
-                    f"last_batch='drop' leaves no batch: a rank's share is {min(shares)} "
-                    f"records, below batch_size {batch_size}"
-                )
-        else:
-            self._batches = math.ceil(max(shares) / batch_size)
+        self._batches = batches_for(n, num_shards, batch_size, last_batch)
+        if self._batches == 0:
+            raise ValueError(
+                f"last_batch='drop' leaves no batch: a rank's share is {n // num_shards} "
+                f"records, below batch_size {batch_size}"
+            )
         first = self.dataset.read(0)
         if len(first) < 4:
             raise RecordIOError(f"record 0 has no IRHeader: {self.dataset.where(0)}")
@@ -175,8 +174,6 @@ class Pipeline:
                     "backend='dali' needs NVIDIA DALI: pip install 'gpurec[gpu]' (GPU) or "
                     "'gpurec[dali]' (CPU mode); or use backend='cpu'"
                 )
-            if self.on_error == "skip":
-                raise ValueError("on_error='skip' needs backend='cpu': DALI stops on bad records")
             from gpurec.backends.dali import DALIBackend
 
             return DALIBackend(self)
@@ -210,69 +207,103 @@ class Pipeline:
         """Batches per epoch on this rank (the same on every rank)."""
         return self._batches
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The records this rank reads in ``epoch``, padded or cut to whole batches
-        (CPU backend; DALI orders records itself)."""
-        n = len(self.dataset)
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(n)
-            if self.shuffle
-            else np.arange(n)
+    def plan(self, epoch: int, segments: tuple[Segment, ...] = ()) -> Plan:
+        """What this rank reads in ``epoch`` (after ``segments``, when resumed with
+        another layout): sample indices batch by batch, padding included."""
+        return plan(
+            len(self.dataset),
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            num_shards=self.num_shards,
+            shard_id=self.shard_id,
+            batch_size=self.batch_size,
+            last_batch=self.last_batch,
+            segments=segments,
         )
-        lo, hi = rank_range(n, self.num_shards, self.shard_id)
-        mine = order[lo:hi]
-        want = self._batches * self.batch_size
-        if len(mine) >= want:
-            return mine[:want]
-        return np.concatenate([mine, np.full(want - len(mine), mine[-1])])
 
-    def real_count(self, rank: int, batch: int) -> int:
-        """How many records of batch ``batch`` are real (not padding) for ``rank``."""
-        lo, hi = rank_range(len(self.dataset), self.num_shards, rank)
-        return max(0, min(self.batch_size, hi - lo - batch * self.batch_size))
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample indices this rank reads in ``epoch``, padded or cut to whole batches."""
+        return self.plan(epoch).indices
 
     def __iter__(self) -> Iterator[Batch]:
         """One epoch: the next one, or the rest of the one a checkpoint was taken in."""
         if self._resume:
-            epoch, start = self.epoch, self._next_batch
+            epoch, start, segments = self.epoch, self._next_batch, self._segments
         elif self._next_batch:  # the last epoch was left unfinished: start the next
-            epoch, start = self.epoch + 1, 0
+            epoch, start, segments = self.epoch + 1, 0, ()
         else:
-            epoch, start = self.epoch, 0
+            epoch, start, segments = self.epoch, 0, ()
         self._resume = False
-        return self._run(epoch, start)
+        return self._run(self.plan(epoch, segments), start)
 
-    def _run(self, epoch: int, start: int) -> Iterator[Batch]:
-        for b, (data, label, real) in enumerate(self.backend.run_epoch(epoch, start), start):
+    def _run(self, plan: Plan, start: int) -> Iterator[Batch]:
+        if start >= plan.batches:  # an elastic resume found nothing left of the epoch
+            self.epoch, self._next_batch, self._segments = plan.epoch + 1, 0, ()
+            return
+        for b, (data, label, real) in enumerate(self.backend.run_epoch(plan, start), start):
             pad = self.batch_size - real
             if self.last_batch == "partial" and pad:
                 keep = max(real, 1)
                 data, label, pad = data[:keep], label[:keep], keep - real
-            done = b + 1 == self._batches
-            self.epoch, self._next_batch = (epoch + 1, 0) if done else (epoch, b + 1)
+            if b + 1 == plan.batches:
+                self.epoch, self._next_batch, self._segments = plan.epoch + 1, 0, ()
+            else:
+                self.epoch, self._next_batch, self._segments = plan.epoch, b + 1, plan.segments
             yield Batch(data, label, pad)
+            del data, label  # hold no batch while the backend makes the next
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Where a Pipeline given this state resumes: the epoch, the next unseen batch, and
-        the backend's own state (DALI's checkpoint; nothing for the CPU backend, whose
-        batches follow from the seed)."""
+        """Where a Pipeline given this state resumes: the epoch, the batches every rank
+        has read of it, the layout (ranks, batch size, earlier layouts of the epoch) and
+        the backend's own state (DALI's checkpoint of its random generators; nothing for
+        the CPU backend, whose random draws follow from the seed)."""
         return {
             "epoch": self.epoch,
             "batch": self._next_batch,
             "seed": self.seed,
+            "shuffle": self.shuffle,
+            "records": len(self.dataset),
+            "num_shards": self.num_shards,
+            "batch_size": self.batch_size,
+            "segments": [s.to_list() for s in self._segments],
             "backend": self.backend.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: the next ``iter()`` yields the next unseen batch."""
+        """Resume from :meth:`state_dict`: the next ``iter()`` yields the next unseen batch.
+
+        With the checkpoint's number of ranks and batch size, the rest of the epoch is
+        exactly the batches an uninterrupted run reads. With another layout (elastic
+        resume), the records no rank has read are laid out over the new ranks: none is
+        read twice, none is left out (see :mod:`gpurec.order` for what differs).
+        """
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"checkpoint was taken with seed {state['seed']}, not {self.seed}")
-        batch = int(state["batch"])
-        if not 0 <= batch < self._batches:
-            raise ValueError(f"checkpoint batch {batch} is outside 0..{self._batches - 1}")
+        if bool(state.get("shuffle", self.shuffle)) != self.shuffle:
+            raise ValueError(f"checkpoint was taken with shuffle={state['shuffle']}")
+        records = int(state.get("records", len(self.dataset)))
+        if records != len(self.dataset):
+            raise ValueError(
+                f"checkpoint was taken on {records} records, the source has {len(self.dataset)}"
+            )
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        segments = tuple(Segment.from_list(s) for s in state.get("segments", []))
+        layout = (int(state.get("num_shards", self.num_shards)),
+                  int(state.get("batch_size", self.batch_size)))  # fmt: skip
+        if batch < 0:
+            raise ValueError(f"checkpoint batch {batch} is negative")
+        if layout != (self.num_shards, self.batch_size):
+            if batch:  # what the old ranks read is a segment of its own; lay out the rest
+                segments += (Segment(*layout, batch),)
+            batch = 0
+        else:
+            batches = self.plan(epoch, segments).batches
+            if batch and batch >= batches:
+                raise ValueError(f"checkpoint batch {batch} is outside 0..{batches - 1}")
         self.backend.restore(state.get("backend") or {})
-        self.epoch, self._next_batch = int(state["epoch"]), batch
+        self.epoch, self._next_batch, self._segments = epoch, batch, segments
         self._resume = True
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The Dockerfile installs what pyproject.toml calls the gpu extra, for CUDA 12."""
+"""The Dockerfile installs what pyproject.toml calls the GPU extras, one per CUDA major."""
 
 from __future__ import annotations
 
@@ -11,18 +11,29 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
+EXTRAS = {"12": "gpu", "13": "gpu-cu13"}  # CUDA major -> extra
 
 
-def test_dockerfile_and_gpu_extra_stay_in_sync() -> None:
+def test_dockerfile_and_gpu_extras_stay_in_sync() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    gpu = project["optional-dependencies"]["gpu"]
-    names = {re.split(r"[<>=\[ ]", req)[0] for req in gpu}
-    assert names == {"nvidia-dali-cuda120", "cupy-cuda12x"}  # both built for CUDA 12
+    extras = project["optional-dependencies"]
+    for major, extra in EXTRAS.items():
+        names = {re.split(r"[<>=\[ ]", req)[0] for req in extras[extra]}
+        assert names == {f"nvidia-dali-cuda{major}0", f"cupy-cuda{major}x"}, (extra, names)
     docker = (REPO / "Dockerfile").read_text()
+    # The CUDA major version is a build argument, 12 by default ...
+    assert re.search(r"^ARG CUDA_MAJOR=12$", docker, flags=re.M)
+    # ... choosing a base stage per major: its image is that CUDA and its extra the one above.
+    for major, extra in EXTRAS.items():
+        image = re.search(rf"^ARG CUDA{major}_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-runtime", docker,
+                          flags=re.M)  # fmt: skip
+        assert image and image.group(1) == major
+        stage = re.search(rf"^FROM \${{CUDA{major}_IMAGE}} AS cuda{major}\nENV GPUREC_EXTRA=(\S+)$",
+                          docker, flags=re.M)  # fmt: skip
+        assert stage and stage.group(1) == extra
+    assert re.findall(r"^FROM (\S+)", docker, flags=re.M)[2:] == ["cuda${CUDA_MAJOR}"] * 2
     installs = re.findall(r"pip install (.+)", docker)
-    assert installs == ['"/src[gpu]"'], installs  # the project with exactly its gpu extra
-    base = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-runtime", docker)
-    assert base and base.group(1) == "12"
+    assert installs == ['"/src[${GPUREC_EXTRA}]"'], installs  # exactly the chosen extra
     assert 'ENTRYPOINT ["gpurec"]' in docker and "USER gpurec" in docker
     assert "VOLUME /data" in docker and "PIP_NO_CACHE_DIR=1" in docker
     final = docker.split("\nFROM ")[-1]

@@ -1,9 +1,32 @@
-"""The DALI backend: one graph, decoded by nvJPEG on the GPU or by DALI's CPU mode.
+"""The DALI backend: gpurec reads, DALI decodes (nvJPEG on the GPU, or DALI's CPU mode).
 
 :func:`graph` is the whole data path, written once. ``device="gpu"`` and ``"cpu"``
 differ in one string (the decoders' ``"mixed"`` or ``"cpu"``): every later operator
 runs where its input lives, so on the GPU everything after decoding stays there.
 Random parameters are DALI's own generators, seeded from the Pipeline's seed.
+
+Records come from gpurec, not from a DALI reader: the order (:mod:`gpurec.order`) and
+the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, so both
+backends hand out the same records in the same order. The encoded images of a batch go
+in through ``fn.external_source`` (``feed_input``, one uint8 array per record); the
+labels never enter DALI: they travel beside the batch in a queue.
+
+Prefetching: a reader thread reads, unpacks and checks (:func:`gpurec.transcode.sniff`)
+the next batches while DALI decodes the ``prefetch`` batches fed to it; the stream of
+batches runs on into the next epoch, so DALI stays busy across epoch boundaries. When an
+``iter()`` asks for other batches than the ones in flight (an abandoned epoch, a
+checkpoint loaded), the pipeline is rebuilt from DALI's checkpoint taken after the last
+batch handed out: the random generators continue as if the discarded batches had never
+run, so a resumed run hands out exactly the batches an uninterrupted one does.
+
+Bad records: one whose bytes are not an image (or whose record or label is malformed)
+is found before it is fed; one that passes that check but fails in the decoder makes
+DALI's run fail, after which the batch's records are decoded one by one through the same
+graph to find it, and the pipeline is rebuilt from the last checkpoint. With
+``on_error="skip"`` a bad record is replaced by a good one of its batch (as the CPU
+backend does, so labels stay identical) and counted in ``pipe.skipped``; with
+``"raise"`` the error names shard, record and byte offset. Either way the Pipeline
+stays usable.
 
 DALI recycles its output buffers on the next run, so every batch is copied into an
 array the caller owns (``as_array`` on the CPU; on the GPU ``copy_to_external`` into a
@@ -13,49 +36,52 @@ new CuPy array, stream-ordered, device to device).
 from __future__ import annotations
 
 import ctypes
-import shutil
-import tempfile
+import os
 import weakref
-from pathlib import Path
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
+from gpurec.backends.cpu import _UNREFERENCED, _refcounts
+from gpurec.recordio import RecordIOError, unpack
+from gpurec.transcode import ImageError, sniff
 
 if TYPE_CHECKING:
+    from gpurec.order import Plan
     from gpurec.pipeline import Pipeline
 
-__all__ = ["DALIBackend", "graph"]
+__all__ = ["INPUT", "DALIBackend", "graph"]
 
-READER = "reader"
+INPUT = "encoded"  # the external_source the encoded images are fed to
+
+# DALI pipelines alive in this process. A forked child (a DataLoader worker, a
+# multiprocessing pool) inherits them without the threads they wait for: destroying one
+# there, as the child's garbage collector may, hangs forever. The child keeps them.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_INHERITED: list = []
 
 
-def graph(
-    fn,
-    types,
-    spec: AugmentSpec,
-    *,
-    device: str,
-    recs: list[str],
-    index: str,
-    shard_id: int,
-    num_shards: int,
-    shuffle: bool,
-):
-    """The DALI graph: read, decode (+ random crop), resize, rotate, shear, colour,
-    mirror and normalise, as :mod:`gpurec.augment` specifies. Call inside a pipeline."""
+def _keep_inherited_pipelines() -> None:
+    _INHERITED.extend(_LIVE)  # never destroyed: multiprocessing children end in os._exit
+
+
+os.register_at_fork(after_in_child=_keep_inherited_pipelines)
+
+
+def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None):
+    """The DALI graph: decode (+ random crop), resize, rotate, shear, colour, mirror and
+    normalise, as :mod:`gpurec.augment` specifies; returns the images. ``jpegs``: the
+    encoded images (default: an ``external_source`` named :data:`INPUT`, fed by gpurec;
+    a benchmark may pass a DALI reader's output). Call inside a pipeline."""
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
-    jpegs, labels = fn.readers.mxnet(
-        path=recs,
-        index_path=[index],
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=shuffle,
-        pad_last_batch=True,
-        stick_to_shard=False,
-        name=READER,
-    )
+    if jpegs is None:
+        # no_copy: DALI reads gpurec's arrays in place (the backend keeps them alive)
+        jpegs = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
     h, w = spec.height, spec.width
     if spec.rand_crop:
         images = fn.decoders.image_random_crop(
@@ -101,10 +127,10 @@ def graph(
         std=list(spec.std),
         mirror=fn.random.coin_flip(probability=0.5) if spec.rand_mirror else 0,
     )
-    return images, labels
+    return images
 
 
-def _dali_reason(exc: Exception) -> str:
+def _dali_reason(exc: BaseException) -> str:
     """The informative line of a DALI error (its first lines are generic)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for i, line in enumerate(lines):
@@ -113,36 +139,60 @@ def _dali_reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-class DALIBackend:
-    """Runs :func:`graph` in a DALI pipeline and hands out owned arrays.
+@dataclass
+class _Batch:
+    """A batch read by gpurec and ready to feed: its place in the stream, the sample fed
+    at each position (bad ones replaced), the encoded images, labels, and what to tell
+    the caller when it is handed out."""
 
-    Checkpoints are DALI's own (reader position, shuffle buffer and random generator
-    states), so a restored pipeline continues with exactly the batches it would have
-    produced.
+    key: tuple
+    epoch: int
+    batch: int
+    indices: list[int]
+    payloads: list[np.ndarray]
+    labels: np.ndarray
+    real: int
+    skipped: int = 0
+    error: Exception | None = None  # raised when this batch is reached (on_error="raise")
+
+
+class DALIBackend:
+    """Feeds gpurec's batches to :func:`graph` in a DALI pipeline; hands out owned arrays.
+
+    Checkpoints hold DALI's own state (the random generators of the augmentations, as
+    of the last batch handed out); the position in the epoch is the Pipeline's.
     """
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
-        self._tmp = Path(tempfile.mkdtemp(prefix="gpurec-dali-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        readers = pipe.dataset.readers
-        if len(readers) == 1:  # one shard: its own .idx already counts from its start
-            self._index = str(readers[0].idx_path)
-        else:
-            self._index = str(pipe.dataset.write_global_idx(self._tmp / "global.idx"))
+        self.dataset = pipe.dataset
+        self.depth = pipe.prefetch
         self._device_id = None
         if pipe.device == "gpu":
             import cupy
 
             self._device_id = cupy.cuda.Device().id
-        self._pipeline = self._build()
-        meta = self._pipeline.reader_meta(READER)
-        shard_max = -(-meta["epoch_size_padded"] // meta["number_of_shards"])
-        self._reader_batches = -(-shard_max // pipe.batch_size)  # one DALI reader epoch
-        self._reader_epoch = 0  # the reader moves a rank to the next shard every epoch
-        self._position = 0  # runs done in the current reader epoch
+        self._bad: dict[int, str] = {}  # sample -> why it cannot be decoded
+        # Fed to DALI when a batch has no good record at all: it is never handed out.
+        self._filler = np.frombuffer(
+            cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), np.uint8
+        )
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="gpurec-dali-read")
+        self._inflight: deque[_Batch] = deque()  # fed and scheduled, oldest first
+        # Batches handed out recently: DALI reads fed arrays in place (no_copy) and may
+        # hold on to them for up to `depth` iterations after their outputs came out.
+        self._done: deque[_Batch] = deque(maxlen=self.depth + 2)
+        self._handed: deque[np.ndarray] = deque(maxlen=self.depth + 3)  # see _owned
+        self._ahead: deque[Future] = deque()  # being read, not fed yet
+        self._stream = None  # (plan, batch) pairs to read next
+        self._generation = 0  # the run_epoch that owns the stream
+        self._checkpoint: bytes | None = None  # DALI's state after the last batch handed out
+        self._pipeline = None
+        self._fresh = True
+        self._rebuild(None)
 
-    def _build(self, checkpoint: bytes | None = None):
+    # ------------------------------------------------------------------- pipelines
+    def _new_pipeline(self, checkpoint: bytes | None, batch_size: int, depth: int):
         from nvidia.dali import fn, pipeline_def, types
 
         pipe = self.pipe
@@ -151,38 +201,180 @@ class DALIBackend:
             types,
             pipe.spec,
             device=pipe.device,
-            recs=[str(p) for p in pipe.dataset.paths],
-            index=self._index,
-            shard_id=pipe.shard_id,
-            num_shards=pipe.num_shards,
-            shuffle=pipe.shuffle,
-            batch_size=pipe.batch_size,
+            batch_size=batch_size,
             num_threads=pipe.num_threads,
             device_id=self._device_id,
             seed=pipe.seed,
-            prefetch_queue_depth=pipe.prefetch,
+            prefetch_queue_depth=depth,
             checkpoint=checkpoint,
         )
         pipeline.build()
+        _LIVE.add(pipeline)
         return pipeline
 
+    def _drain(self) -> None:
+        """Let DALI finish what is in flight (it reads the fed arrays in place), then
+        drop the pipeline and those arrays."""
+        if self._pipeline is not None and not self._fresh:
+            for _ in range(len(self._inflight)):
+                try:
+                    self._pipeline.outputs()
+                except Exception:  # a failed pipeline has nothing left to run
+                    break
+        self._pipeline = None
+        self._inflight.clear()
+
+    def _rebuild(self, checkpoint: bytes | None) -> None:
+        """A new pipeline in the state ``checkpoint`` records; nothing in flight."""
+        self._drain()
+        self._pipeline = self._new_pipeline(checkpoint, self.pipe.batch_size, self.depth)
+        self._checkpoint = checkpoint
+        self._fresh = True  # the first schedule_run runs `depth` fed batches
+        self._broken = False
+        self._inflight.clear()
+        self._drop_ahead()
+
+    def _drop_ahead(self) -> None:
+        for future in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+        self._stream = None
+
     def state(self) -> dict:
-        return {
-            "dali_checkpoint": self._pipeline.checkpoint(),
-            "reader_epoch": self._reader_epoch,
-            "position": self._position,
-        }
+        return {"dali_checkpoint": self._checkpoint or self._pipeline.checkpoint()}
 
     def restore(self, state: dict) -> None:
-        if "dali_checkpoint" not in state:
-            raise ValueError("the checkpoint holds no DALI state (taken with backend='cpu'?)")
-        self._pipeline = self._build(state["dali_checkpoint"])
-        self._reader_epoch = int(state["reader_epoch"])
-        self._position = int(state["position"])
+        """DALI's random state from a checkpoint (none in a CPU backend's checkpoint:
+        then the order resumes exactly, the random augmentations start afresh)."""
+        self._rebuild(state.get("dali_checkpoint"))
 
+    # --------------------------------------------------------------------- reading
+    def _label(self, header, index: int):
+        if header.flag == 0 and self.pipe.label_width == 1:
+            return header.label  # one float: the common case, kept cheap
+        label = np.atleast_1d(np.asarray(header.label, np.float32))
+        if label.size != self.pipe.label_width:
+            raise RecordIOError(
+                f"has {label.size} label(s), the dataset has {self.pipe.label_width}: "
+                + self.dataset.where(index)
+            )
+        return label
+
+    def _error(self, index: int, reason: str) -> RecordIOError:
+        """An error that names the shard, the record and its byte offset."""
+        exc = RecordIOError(reason, self.dataset.paths[self.dataset.locate(index)[0]])
+        exc.args = (f"{self.dataset.where(index)}: {reason}",)
+        return exc
+
+    def _read(self, plan: Plan, b: int) -> _Batch:
+        """Read, unpack and check batch ``b`` of ``plan`` (in the reader thread)."""
+        dataset, pipe = self.dataset, self.pipe
+        indices = plan.batch(b).tolist()
+        n = len(indices)
+        payloads: list[np.ndarray | None] = [None] * n
+        labels = np.empty((n, pipe.label_width), np.float32)
+        failed: list[tuple[int, Exception]] = []
+        for k, index in enumerate(indices):
+            if index in self._bad:
+                failed.append((k, self._error(index, self._bad[index])))
+                continue
+            try:
+                header, payload = unpack(dataset.read(index))
+            except RecordIOError as exc:
+                failed.append((k, self._error(index, exc.reason)))
+                continue
+            try:
+                labels[k] = self._label(header, index)
+                sniff(payload)
+            except RecordIOError as exc:
+                failed.append((k, exc))
+                continue
+            except ImageError as exc:
+                failed.append((k, self._error(index, f"cannot decode image: {exc}")))
+                continue
+            payloads[k] = np.frombuffer(payload, np.uint8)
+        out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b])
+        if not failed:
+            return out
+        # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic).
+        good = [k for k in range(n) if payloads[k] is not None]
+        for j, (k, _) in enumerate(failed):
+            if good:
+                src = good[j % len(good)]
+                payloads[k], labels[k], indices[k] = payloads[src], labels[src], indices[src]
+            else:
+                payloads[k] = self._filler
+        if pipe.on_error == "raise":
+            out.error = failed[0][1]
+        elif not good:
+            out.error = RecordIOError(f"no record of a batch decodes (first: {failed[0][1]})")
+        out.skipped = len(failed)
+        return out
+
+    def _stream_from(self, plan: Plan, start: int):
+        """(plan, batch) from ``start`` on, on into the following epochs."""
+        while True:
+            for b in range(start, plan.batches):
+                yield plan, b
+            plan, start = self.pipe.plan(plan.epoch + 1), 0
+
+    def _read_ahead(self) -> None:
+        while len(self._ahead) < self.depth + 1:
+            plan, b = next(self._stream)
+            self._ahead.append(self._reader.submit(self._read, plan, b))
+
+    def _feed_next(self) -> None:
+        self._read_ahead()
+        batch = self._ahead.popleft().result()
+        self._read_ahead()
+        self._pipeline.feed_input(INPUT, batch.payloads)
+        self._inflight.append(batch)
+
+    def _top_up(self) -> None:
+        """Keep ``depth + 1`` batches fed and scheduled, as DALI's own ``run()`` does (it
+        schedules the next iteration before it waits for the oldest), so that DALI has
+        work queued while the caller holds a batch."""
+        if self._fresh:  # DALI's first schedule_run runs `depth` iterations
+            while len(self._inflight) < self.depth:
+                self._feed_next()
+            self._pipeline.schedule_run()
+            self._fresh = False
+        while len(self._inflight) < self.depth + 1:
+            self._feed_next()
+            self._pipeline.schedule_run()
+
+    def _restart(self, plan: Plan, start: int) -> None:
+        """Make batch ``start`` of ``plan`` the next one out."""
+        key = (plan.key, start)
+        if self._broken or (self._inflight and self._inflight[0].key != key):
+            self._rebuild(self._checkpoint)  # discard what is in flight
+        if self._inflight:
+            return
+        if self._ahead:
+            head = self._ahead[0].result()
+            if head.key == key:
+                return
+        self._drop_ahead()
+        self._stream = self._stream_from(plan, start)
+
+    # ------------------------------------------------------------------- decoding
     def _owned(self, tensors):
         if self.pipe.device == "cpu":
-            return tensors.as_array()
+            # Into an array the caller owns: one handed out before that nothing refers to
+            # any more, or a new one (the CPU backend's rule; fresh 10s-of-MiB arrays cost
+            # page faults, and freeing them lets the resident size swing by whole batches).
+            shape = (len(tensors), *tensors[0].shape())
+            out = None
+            for k, count in enumerate(_refcounts(self._handed)):
+                if count == _UNREFERENCED and self._handed[k].shape == shape:
+                    out = self._handed[k]
+                    del self._handed[k]
+                    break
+            if out is None:
+                out = np.empty(shape, np.dtype(self.pipe.spec.dtype))
+            tensors.copy_to_external(ctypes.c_void_p(out.ctypes.data))
+            self._handed.append(out)
+            return out
         import cupy  # GPU only: copy out of DALI's buffer into a CuPy array we own
 
         tensor = tensors.as_tensor()
@@ -191,65 +383,82 @@ class DALIBackend:
         tensor.copy_to_external(ctypes.c_void_p(out.data.ptr), stream, non_blocking=True)
         return out
 
-    def _run_once(self, epoch: int, batch: int):
-        """One DALI run; a failure names the batch, the rank, and the first record of the
-        rank's share whose header shows it cannot be an image, when one does."""
-        try:
-            outputs = self._pipeline.run()
-        except RuntimeError as exc:
-            pipe = self.pipe
-            raise RuntimeError(
-                f"DALI failed on batch {batch} of epoch {epoch} (rank {pipe.shard_id} of "
-                f"{pipe.num_shards}): {_dali_reason(exc)}{self._suspect()}; backend='cpu' "
-                "can skip bad records (on_error='skip')"
-            ) from exc
-        self._position += 1
-        if self._position == self._reader_batches:
-            self._position, self._reader_epoch = 0, self._reader_epoch + 1
-        return outputs
-
-    def _suspect(self) -> str:
-        from gpurec.pipeline import rank_range
-        from gpurec.recordio import RecordIOError, unpack
-        from gpurec.transcode import ImageError, sniff
-
-        pipe, dataset = self.pipe, self.pipe.dataset
-        rank = (pipe.shard_id + self._reader_epoch) % pipe.num_shards
-        for i in range(*rank_range(len(dataset), pipe.num_shards, rank)):
+    def _probe(self, batch: _Batch) -> dict[int, str]:
+        """The records of ``batch`` that the graph cannot decode, one at a time."""
+        found: dict[int, str] = {}
+        tried: set[int] = set()
+        probe = None
+        for index, payload in zip(batch.indices, batch.payloads, strict=True):
+            if index in tried or payload is self._filler:
+                continue
+            tried.add(index)
+            if probe is None:
+                probe = self._new_pipeline(None, 1, 1)
+            probe.feed_input(INPUT, [payload])
             try:
-                sniff(unpack(dataset.read(i))[1])
-            except (ImageError, RecordIOError) as exc:
-                return f"; suspect: {dataset.where(i)}: {exc}"
-        return ""
+                probe.run()
+            except RuntimeError as exc:
+                found[index] = f"cannot decode image: {_dali_reason(exc)}"
+                probe = None  # DALI's pipeline is not usable after a failure
+        return found
 
-    def run_epoch(self, epoch: int, start: int):
-        """Yield (data, labels, real count) for batches ``start..`` of this epoch.
-
-        A DALI reader epoch always runs to its end (``ceil(max share / batch)`` runs), so
-        the next one starts at a shard boundary: the runs past ``len(pipe)`` (``"drop"``)
-        happen before the last batch is handed out, so a checkpoint taken after it is at
-        the start of the next epoch; an epoch left unfinished is run out first.
-        """
+    def _recover(self, batch: _Batch, exc: BaseException) -> None:
+        """DALI's run of ``batch`` failed: find the bad records, rebuild the pipeline at
+        the last checkpoint; raise unless they can be skipped (the caller retries)."""
         pipe = self.pipe
-        if start == 0 and self._position:
-            while self._position:
-                self._run_once(epoch, -1)
-        rank = (pipe.shard_id + self._reader_epoch) % pipe.num_shards
-        for b in range(start, len(pipe)):
-            images, labels = self._run_once(epoch, b)
+        where = (f"batch {batch.batch} of epoch {batch.epoch} (rank {pipe.shard_id} of "
+                 f"{pipe.num_shards})")  # fmt: skip
+        bad = self._probe(batch)
+        self._rebuild(self._checkpoint)
+        if not bad:
+            raise RuntimeError(f"DALI failed on {where}: {_dali_reason(exc)}") from exc
+        self._bad.update(bad)
+        if pipe.on_error == "raise":
+            index, reason = next(iter(bad.items()))
+            raise self._error(
+                index, f"{reason} (DALI, {where}; on_error='skip' skips such records)"
+            ) from None
+
+    def run_epoch(self, plan: Plan, start: int):
+        """Yield (data, labels, real count) for batches ``start..`` of ``plan``."""
+        pipe = self.pipe
+        self._generation += 1
+        generation = self._generation
+        b = start
+        while b < plan.batches:
+            if generation != self._generation:
+                raise RuntimeError("another iter() of this Pipeline has started: this one ended")
+            self._restart(plan, b)
+            self._top_up()
+            batch = self._inflight.popleft()
+            try:
+                (images,) = self._pipeline.outputs()
+            except RuntimeError as exc:
+                self._recover(batch, exc)
+                continue  # the bad records are known now: read the batch again
+            except BaseException:
+                self._broken = True
+                raise
+            self._checkpoint = self._pipeline.checkpoint()
+            self._done.append(batch)
+            if batch.error is not None:
+                raise batch.error
             data = self._owned(images)
-            label = labels.as_array().astype(np.float32, copy=False)
-            if label.ndim == 2 and label.shape[1] == 1:
-                label = label[:, 0]
+            label = batch.labels[:, 0] if batch.labels.shape[1] == 1 else batch.labels
             if pipe.device == "gpu":
                 import cupy
 
                 label = cupy.asarray(label)
-            if b == len(pipe) - 1:
-                while self._position:
-                    self._run_once(epoch, b + 1)
-            yield data, label, pipe.real_count(rank, b)
+            pipe.skipped += batch.skipped
+            del images
+            self._top_up()
+            yield data, label, batch.real
+            del data, label  # so that the batch array can be reused once the caller drops it
+            b += 1
 
     def close(self) -> None:
-        del self._pipeline
-        self._cleanup()
+        self._drop_ahead()
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        self._drain()
+        self._done.clear()
+        self._handed.clear()

@@ -1,0 +1,148 @@
+"""The order of an epoch: which records each rank reads, in which batches.
+
+One implementation for every backend (the DALI backend and the OpenCV backend both take
+their records from it), so both hand out the same records in the same order.
+
+- **The epoch's permutation.** With ``shuffle`` every epoch is a new permutation of all
+  ``n`` samples of all shards, drawn from ``(seed, epoch)``; without it, file order
+  (shard by shard, record by record).
+- **Ranks.** Rank ``k`` of ``S`` reads the contiguous slice ``[N*k//S, N*(k+1)//S)`` of
+  the permutation: ranks are disjoint and together cover it.
+- **Batches.** Every rank gets the same number of batches: ``floor(min share / batch)``
+  with ``last_batch="drop"`` (the rest of each share is not read that epoch),
+  ``ceil(max share / batch)`` with ``"pad"`` and ``"partial"`` (the last batch is filled
+  with repeats of the rank's last record; :attr:`Plan.real` counts the real ones).
+- **Resume.** A checkpoint records the epoch, the number of batches every rank has
+  consumed (ranks move in step: data-parallel training takes one batch per rank per
+  step), and the layout (ranks, batch size). Resuming with the same layout continues
+  each rank's slice at the next batch: exactly the batches an uninterrupted run reads.
+- **Elastic resume.** Resuming with another number of ranks (or batch size) first
+  removes every record the old ranks have read (their first ``done * batch`` records),
+  then lays the rest out again, in permutation order, over the new ranks as above: the
+  union over the new ranks is exactly the records not yet read (with ``"drop"``, less
+  what the new layout drops at the end of the epoch), none is read twice. Such a
+  "segment" can be resumed again; :class:`Segment` records each. What is not exact
+  there: which rank reads a record and its batch neighbours differ from an
+  uninterrupted run on the new number of ranks, and so do the random augmentations.
+  The next epoch is a normal epoch of the new layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Plan", "Segment", "batches_for", "permutation", "plan", "rank_range", "remaining"]
+
+LAST_BATCH = ("drop", "pad", "partial")
+
+
+def rank_range(n: int, num_shards: int, shard_id: int) -> tuple[int, int]:
+    """The slice ``[lo, hi)`` of ``n`` ordered records that rank ``shard_id`` reads."""
+    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+
+
+def permutation(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """All ``n`` sample indices in the order of ``epoch`` (int64)."""
+    if shuffle:
+        return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+    return np.arange(n, dtype=np.int64)
+
+
+def batches_for(count: int, num_shards: int, batch_size: int, last_batch: str) -> int:
+    """Batches every rank reads when ``count`` records are laid out over ``num_shards``."""
+    shares = [b - a for a, b in (rank_range(count, num_shards, k) for k in range(num_shards))]
+    if last_batch == "drop":
+        return min(shares) // batch_size
+    return math.ceil(max(shares) / batch_size)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A part of an epoch read with one layout: ``done`` batches of ``batch_size`` on
+    each of ``num_shards`` ranks (what a checkpoint taken with that layout records)."""
+
+    num_shards: int
+    batch_size: int
+    done: int
+
+    def to_list(self) -> list[int]:
+        return [self.num_shards, self.batch_size, self.done]
+
+    @classmethod
+    def from_list(cls, values) -> Segment:
+        num_shards, batch_size, done = (int(v) for v in values)
+        return cls(num_shards, batch_size, done)
+
+
+def remaining(
+    n: int, seed: int, epoch: int, shuffle: bool, segments: tuple[Segment, ...] = ()
+) -> np.ndarray:
+    """The records of ``epoch`` that the ranks of ``segments`` have not read, in
+    permutation order."""
+    rest = permutation(n, seed, epoch, shuffle)
+    for seg in segments:
+        seen = np.zeros(len(rest), bool)
+        for k in range(seg.num_shards):
+            lo, hi = rank_range(len(rest), seg.num_shards, k)
+            seen[lo : min(hi, lo + seg.done * seg.batch_size)] = True
+        rest = rest[~seen]
+    return rest
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one rank reads in (the rest of) an epoch.
+
+    ``indices``: ``batches * batch_size`` sample indices, batch after batch, padding
+    included; ``real[b]``: how many of batch ``b`` are not padding; ``segments``: the
+    earlier layouts of this epoch (empty for a normal epoch).
+    """
+
+    epoch: int
+    batch_size: int
+    indices: np.ndarray
+    real: list[int]
+    segments: tuple[Segment, ...] = field(default=())
+
+    @property
+    def batches(self) -> int:
+        return len(self.real)
+
+    def batch(self, b: int) -> np.ndarray:
+        return self.indices[b * self.batch_size : (b + 1) * self.batch_size]
+
+    @property
+    def key(self) -> tuple:
+        """Identifies the plan: the epoch and its earlier layouts."""
+        return (self.epoch, self.segments)
+
+
+def plan(
+    n: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    num_shards: int,
+    shard_id: int,
+    batch_size: int,
+    last_batch: str,
+    segments: tuple[Segment, ...] = (),
+) -> Plan:
+    """The :class:`Plan` of rank ``shard_id``: its slice of what ``segments`` left of
+    ``epoch``, cut into batches and padded as ``last_batch`` says."""
+    rest = remaining(n, seed, epoch, shuffle, segments)
+    batches = batches_for(len(rest), num_shards, batch_size, last_batch)
+    lo, hi = rank_range(len(rest), num_shards, shard_id)
+    mine = rest[lo:hi]
+    want = batches * batch_size
+    real = [max(0, min(batch_size, len(mine) - b * batch_size)) for b in range(batches)]
+    if len(mine) >= want:
+        indices = mine[:want]
+    else:  # pad with the rank's last record (or, for a rank left nothing, the rest's last)
+        filler = mine[-1] if len(mine) else (rest[-1] if len(rest) else 0)
+        indices = np.concatenate([mine, np.full(want - len(mine), filler, np.int64)])
+    return Plan(epoch, batch_size, indices.astype(np.int64, copy=False), real, tuple(segments))
