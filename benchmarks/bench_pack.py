@@ -69,6 +69,13 @@ RESIZE = 256
 RAW_FULL = "raw: imdecode full + resize + imencode q95"
 RAW_REDUCED = "raw: imdecode REDUCED_COLOR_2 + resize + imencode q95"
 RAW_PARALLEL = "raw: the same full-decode loop in W processes at once (the ceiling)"
+RAW_PHYSICAL = (
+    "raw: read + decode (reduced when that covers 256) + resize + encode q95 in W processes "
+    "(the physical limit)"
+)
+PACK_ONE = "gpurec pack --resize 256, 1 worker"
+PACK_RESIZE = "gpurec pack --resize 256"
+PACK_THREADS = "gpurec pack --resize 256 --executor threads"
 
 
 # ------------------------------------------------------------------------- the data set
@@ -83,6 +90,8 @@ def make_image(seed: int, scale: float = 1.0) -> np.ndarray:
     """
     rng = np.random.default_rng(seed)
     w, h = int(rng.integers(450, 551)), int(rng.integers(340, 411))
+    if scale == 0:  # --mixed: every image its own size, 333-1023 px wide
+        scale = float(rng.uniform(0.74, 1.86))
     w, h = round(w * scale), round(h * scale)
     grid = rng.uniform(0, 255, (int(rng.integers(3, 7)), int(rng.integers(4, 9)), 3))
     img = cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
@@ -189,6 +198,7 @@ class Result:
     runs: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)  # others' CPU seconds during each run
     sync: list[float] = field(default_factory=list)  # seconds of the `sync` after each run
+    serial_us: list[float] = field(default_factory=list)  # coordinator CPU us/image (processes)
 
     def disturbed(self, i: int) -> bool:
         """Whether other processes took more than 5% of the machine during run ``i``."""
@@ -232,16 +242,27 @@ def idx_count(idx: Path) -> int:
     return len(idx.read_text().splitlines())
 
 
-def gpurec_pack(root: Path, out: Path, workers: int, pass_through: bool) -> Callable[[], tuple]:
-    """A run of ``gpurec.pack.pack``: (images, seconds) from its summary."""
+def gpurec_pack(
+    root: Path,
+    out: Path,
+    workers: int,
+    pass_through: bool,
+    executor: str = "processes",
+    result: Result | None = None,
+) -> Callable[[], tuple]:
+    """A run of ``gpurec.pack.pack``: (images, seconds) from its summary. With worker
+    processes, the coordinator's serial CPU time per image (all its threads but the
+    copier threads, over the whole write loop) goes to ``result.serial_us``."""
     from gpurec.pack import pack
 
     def run() -> tuple[int, float]:
         shutil.rmtree(out, ignore_errors=True)
         options = {"pass_through": True} if pass_through else {"resize": RESIZE}
-        summary = pack(root, out / "data", workers=workers, **options)
+        summary = pack(root, out / "data", workers=workers, executor=executor, **options)
         if summary.skipped:
             sys.exit(f"gpurec pack skipped {len(summary.skipped)} images: {summary.skipped[:3]}")
+        if result is not None and executor == "processes" and workers > 1:
+            result.serial_us.append(summary.serial_us_per_image)
         return summary.images, summary.seconds
 
     return run
@@ -310,6 +331,46 @@ def raw_parallel(files: Sequence[Path], workers: int) -> Callable[[], tuple]:
             pool.map(abs, range(workers))  # the processes are up before the clock starts
             start = time.perf_counter()
             pool.map(_raw_share, shares, chunksize=1)
+            return len(files), time.perf_counter() - start
+
+    return run
+
+
+def _physical_share(files: Sequence[str]) -> float:
+    """One process's share of the physical limit: read, decode at the smallest libjpeg
+    scale that still covers the target (size from the header), resize, encode; its seconds."""
+    from gpurec.transcode import sniff
+
+    cv2.setNumThreads(1)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95]
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+             4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}  # fmt: skip
+    start = time.perf_counter()
+    for f in files:
+        data = Path(f).read_bytes()
+        info = sniff(data)
+        short = min(info.width, info.height)
+        denom = next((d for d in (8, 4, 2) if short // d >= RESIZE), 1)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags[denom])
+        h, w = info.height, info.width
+        size = (RESIZE, h * RESIZE // w) if h > w else (w * RESIZE // h, RESIZE)
+        interp = cv2.INTER_AREA if min(img.shape[:2]) > 2 * RESIZE else cv2.INTER_LINEAR
+        ok, _ = cv2.imencode(".jpg", cv2.resize(img, size, interpolation=interp), params)
+        assert ok
+    return time.perf_counter() - start
+
+
+def raw_physical(files: Sequence[Path], workers: int) -> Callable[[], tuple]:
+    """The physical limit of the issue: W processes doing only the work every image
+    needs (read, reduced-size decode where it covers the target, resize, encode),
+    writing nothing, each on 1/W of the files."""
+
+    def run() -> tuple[int, float]:
+        shares = [[str(f) for f in files[k::workers]] for k in range(workers)]
+        with get_context("fork").Pool(workers) as pool:
+            pool.map(abs, range(workers))
+            start = time.perf_counter()
+            pool.map(_physical_share, shares, chunksize=1)
             return len(files), time.perf_counter() - start
 
     return run
@@ -402,6 +463,35 @@ def table(results: Sequence[Result], workers: int) -> str:
     return "\n".join(lines)
 
 
+def scaling_lines(results: Sequence[Result], w: int) -> list[str]:
+    """The scaling figures: 1-to-W speed-up, share of the physical limit, serial time."""
+    by_name = {r.name: r for r in results}
+    pack_w, pack_1 = by_name.get(PACK_RESIZE), by_name.get(PACK_ONE)
+    physical = by_name.get(RAW_PHYSICAL)
+    lines = []
+    if pack_w and pack_1:
+        lines.append(
+            f"1-to-{w}-worker speed-up of `gpurec pack --resize 256`: "
+            f"{pack_w.rate / pack_1.rate:.2f}x ({pack_1.rate:.0f} -> {pack_w.rate:.0f} images/s)"
+        )
+    if pack_w and physical:
+        lines.append(
+            f"`gpurec pack --resize 256` with {w} workers = {pack_w.rate / physical.rate:.2f} of "
+            f"the physical limit ({physical.rate:.0f} images/s: {w} processes that only read, "
+            "decode, resize and encode)"
+        )
+    if pack_w and pack_w.serial_us:
+        serial = sorted(pack_w.serial_us)
+        lines.append(
+            "coordinator serial CPU time per image (all its threads but the copier threads, "
+            f"from the pack's own CPU clock over the write loop): {serial[0]:.1f}-"
+            f"{serial[-1]:.1f} us over {len(serial)} runs; at that rate one coordinator "
+            f"feeds {1e6 / serial[-1]:,.0f} images/s, about "
+            f"{1e6 / serial[-1] / (pack_1.rate if pack_1 else 1):.0f} workers' worth"
+        )
+    return lines
+
+
 def gpurec_revision() -> str:
     """The gpurec measured: its version, and the git commit of its checkout when it has one."""
     import gpurec
@@ -454,7 +544,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="image size factor (2: 900-1100 x 680-820 px, where reduced-size decoding "
-        "applies at --resize 256)",
+        "applies at --resize 256; 0: mixed sizes, each image 333-1023 px wide)",
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="W")
     parser.add_argument("--repeat", type=int, default=3, help="runs per config (best reported)")
@@ -497,10 +587,14 @@ def build_configs(
     """Every config with its run function; also the `.lst` each im2rec wrote."""
     resize = ["--resize", str(RESIZE)]
     lists = {"gpurec": make_lists(gpurec, out / "lists-gpurec", root)}
+    pack_w = Result(PACK_RESIZE, str(w), "resize")
+    pack_1 = Result(PACK_ONE, "1", "resize")
     configs: list[Config] = [
+        (pack_w, gpurec_pack(root, out / "pack-resize", w, False, result=pack_w)),
+        (pack_1, gpurec_pack(root, out / "pack-resize-1", 1, False)),
         (
-            Result("gpurec pack --resize 256", str(w), "resize"),
-            gpurec_pack(root, out / "pack-resize", w, False),
+            Result(PACK_THREADS, str(w), "resize"),
+            gpurec_pack(root, out / "pack-threads", w, False, "threads"),
         ),
         (
             Result("gpurec pack --pass-through", str(w), "pass"),
@@ -545,6 +639,7 @@ def build_configs(
         (Result(RAW_FULL, per_core, "raw"), raw_limit(files, False)),
         (Result(RAW_REDUCED, per_core, "raw"), raw_limit(files, True)),
         (Result(RAW_PARALLEL, str(w), "raw"), raw_parallel(files, w)),
+        (Result(RAW_PHYSICAL, str(w), "raw"), raw_physical(files, w)),
     ]
     return configs, lists
 
@@ -733,6 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table(results, w))
     print()
+    for line in scaling_lines(results, w):
+        print(f"- {line}")
     for line in checks:
         print(f"- {line}")
     for what, seconds in startup.items():
@@ -744,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dataset": stats,
             "workers": w,
             "results": [asdict(r) | {"best": r.best, "images_per_second": r.rate} for r in results],
+            "scaling": scaling_lines(results, w),
             "checks": checks,
             "startup_seconds": startup,
         }

@@ -97,11 +97,17 @@ def _given(**options: Any) -> dict[str, Any]:
     epilog="Examples:\n\n"
     "  gpurec pack train/ out/imagenet --resize 256 --shards 64\n\n"
     "  gpurec pack pets/images out/pets --label-from-name default --train-ratio 0.8\n\n"
-    "  gpurec pack train/ out/in --config configs/imagenet-pack.yaml --num-parts 8 --part 3"
+    "  gpurec pack train/ out/in --config configs/imagenet-pack.yaml --num-parts 8 --part 3\n\n"
+    "  gpurec pack s3://bucket/train s3://bucket/shards/in --resize 256 --shards 1024\n\n"
+    "  gpurec pack /shared/train /shared/out/in --shards 4096 --executor ray"
 )
 def pack(
-    root: Annotated[Path, typer.Argument(help="Folder of images (class folders, or flat).")],
-    prefix: Annotated[Path, typer.Argument(help="Output prefix; its folder is created.")],
+    root: Annotated[
+        str, typer.Argument(help="Folder of images (class folders, or flat); or a URL.")
+    ],
+    prefix: Annotated[
+        str, typer.Argument(help="Output prefix; its folder is created. Or a URL (s3://...).")
+    ],
     config: Annotated[
         Path | None, typer.Option(help="YAML preset; flags given here override it.")
     ] = None,
@@ -163,7 +169,22 @@ def pack(
         int | None, typer.Option(help="This job's part, 0..num-parts-1. [default: 0]")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker threads. [default: all cores]")
+        int | None, typer.Option(help="Worker processes. [default: all cores]")
+    ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="'processes', 'threads', or 'ray' (shards as tasks on the Ray cluster at "
+            "RAY_ADDRESS, a local one when unset). [default: processes]"
+        ),
+    ] = None,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--storage-option",
+            help="key=value for the fsspec filesystem of a URL ROOT or PREFIX (repeat it), "
+            "e.g. endpoint_url=http://127.0.0.1:9000 or anon=true.",
+        ),
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 when any image was skipped.")
@@ -198,8 +219,16 @@ def pack(
                 num_parts=num_parts,
                 part=part,
                 workers=workers,
+                executor=executor,
             )
         )
+        if storage_option:
+            from gpurec.storage import parse_storage_options
+
+            options["storage_options"] = {
+                **(options.get("storage_options") or {}),
+                **parse_storage_options(storage_option),
+            }
         with _progress("packing") as (set_total, advance):
             summary = pack_tree(root, prefix, progress=advance, on_plan=set_total, **options)
     for path, reason in summary.skipped[:5]:

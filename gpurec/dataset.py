@@ -89,14 +89,22 @@ def _resolve_one(item: str | os.PathLike) -> list[Path]:
     return shards
 
 
-def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **remote) -> list[Path]:
     """The `.rec` files a source names: a path, a prefix (``PREFIX.rec`` or all of
-    ``PREFIX-KKKKK-of-NNNNN.rec``), a glob, or a list of any of these, in order."""
+    ``PREFIX-KKKKK-of-NNNNN.rec``), a glob, or a list of any of these, in order.
+    A URL (``s3://bucket/ds_train``) names shards in object storage: they are fetched
+    into the local shard cache (:func:`gpurec.storage.fetch_shards`; ``remote``:
+    its ``cache_dir``, ``cache_limit``, ``storage_options``) and their local paths returned."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise ValueError("source is empty: give a .rec path, a prefix, a glob or a list")
     out: list[Path] = []
     for item in items:
+        if isinstance(item, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", item):
+            from gpurec.storage import fetch_shards
+
+            out += fetch_shards(item, **remote)
+            continue
         out += _resolve_one(item)
     return out
 

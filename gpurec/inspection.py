@@ -239,11 +239,13 @@ def verify(
                 at = broken.offset or 0
                 position = offsets.index(at) if at in offsets else None
                 size = rec.stat().st_size
-                reason = (
-                    f"file cut short or broken at the record at byte {at} (it ends at byte "
-                    f"{size}): {broken.reason}; {len(walked)} intact record(s) before it "
-                    "(`gpurec index --intact` indexes them, on_error='skip' loads them)"
-                )
+                reason = broken.reason
+                if reason.startswith(("truncated record", "past the end")):
+                    reason = (
+                        f"file cut short at the record at byte {at} (it ends at byte "
+                        f"{size}): {reason}; {len(walked)} intact record(s) before it "
+                        "(`gpurec index --intact` indexes them, on_error='skip' loads them)"
+                    )
                 report.bad.append(BadRecord(str(rec), position, at, reason))
             listed = None
             lst = rec.with_suffix(".lst")

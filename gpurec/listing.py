@@ -183,9 +183,12 @@ def list_images(
     ``label_from_name`` from the first group of that regex searched in the file name
     (``"default"`` is :data:`NAME_PATTERN`; classes are numbered in sorted order).
     Without ``recursive`` only ``root`` itself is listed, all with label 0, as im2rec.
+    ``root`` may be a :class:`gpurec.storage.RemoteRoot` (a folder in object storage):
+    one recursive listing, walked in the same order as a local tree.
     """
-    root = str(root)
-    if not os.path.isdir(root):
+    remote = root if hasattr(root, "walk") else None  # a gpurec.storage.RemoteRoot
+    root = str(root) if remote is None else remote.url
+    if remote is None and not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
     wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts}
     pattern = None
@@ -199,8 +202,12 @@ def list_images(
     skipped: list[tuple[str, str]] = []
     found: list[tuple[str, str]] = []  # (relative path, class name)
     folder_labels: dict[str, int] = {}
-    inside = RootPaths(root)
-    for rel, files in _walk(root, recursive or pattern is not None, follow_links, skipped):
+    inside = RootPaths(root) if remote is None else remote.check
+    if remote is None:
+        walk = _walk(root, recursive or pattern is not None, follow_links, skipped)
+    else:  # an object store: no symlinks; the same order as a local walk
+        walk = remote.walk() if recursive or pattern is not None else list(remote.walk())[:1]
+    for rel, files in walk:
         for name in files:
             if os.path.splitext(name)[1].lower() not in wanted:
                 continue

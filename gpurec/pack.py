@@ -2,24 +2,31 @@
 
 :func:`pack` is ``gpurec pack``: list a tree (or read a `.lst`), split, shard, and
 write each shard. :func:`pack_lists` is the packing half of ``gpurec im2rec``: one
-`.rec`/`.idx` per existing `.lst`. Both run :func:`write_shards`, which sends images
-to a thread pool in small batches, keeps a bounded window of them in flight (memory
-does not grow with the list) and writes results in list order whatever the worker
-count, so the bytes are the same with 1 or 32 workers.
+`.rec`/`.idx` per existing `.lst`. Both run :func:`write_shards`, which sends batches
+of images to worker processes (or threads), keeps a bounded window of them in flight
+(memory does not grow with the list) and writes results in list order whatever the
+worker count, so the bytes are the same with 1 or 64 workers. ``executor="ray"`` runs
+the shards as tasks of a Ray cluster instead (:mod:`gpurec.executors`).
+
+``root`` and ``prefix`` may be URLs (``s3://``, ``gs://``, any fsspec protocol;
+:mod:`gpurec.storage`): images are then read in concurrent batches, and each finished
+shard is uploaded from a local staging folder, visible only once complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
-from itertools import islice
 from pathlib import Path
 
 import cv2
@@ -42,11 +49,13 @@ from gpurec.recordio import (
     read_lst,
     write_lst,
 )
+from gpurec.storage import Publisher, RemoteRoot, is_url, local_path, staging_dir
 from gpurec.transcode import DEFAULT_MAX_PIXELS, EncodeSpec, ImageError, Payload, transcode
 
 __all__ = ["PackOptions", "PackSummary", "ShardJob", "pack", "pack_lists", "write_shards"]
 
 Progress = Callable[[int], None]
+EXECUTORS = ("processes", "threads", "ray")
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,10 @@ class PackOptions:
     multi-label header).
     Output: ``shards`` per split; ``num_parts``/``part`` to pack only every
     ``num_parts``-th shard starting at ``part`` (one job of a job array).
-    ``workers``: threads (None: all cores).
+    ``workers``: worker processes (None: all cores); ``executor``: ``"processes"``,
+    ``"threads"`` or ``"ray"`` (shards as tasks of the Ray cluster at ``RAY_ADDRESS``, a
+    local one when unset). ``storage_options``: keyword arguments for the fsspec
+    filesystem of a URL ``root`` or ``prefix`` (credentials, ``endpoint_url``, ...).
     """
 
     exts: tuple[str, ...] = IMAGE_EXTS
@@ -86,9 +98,15 @@ class PackOptions:
     num_parts: int = 1
     part: int = 0
     workers: int | None = None
+    executor: str = "processes"
+    storage_options: dict | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exts", tuple(self.exts))
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
@@ -140,10 +158,19 @@ class PackSummary:
     images: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    outputs: list[Path] = field(default_factory=list)
+    outputs: list[Path | str] = field(default_factory=list)  # local paths or URLs
     skipped: list[tuple[str, str]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
-    report: Path | None = None
+    report: Path | str | None = None
+    # CPU seconds of the coordinating process while writing (all its threads), and the
+    # part of it that copier threads spent moving workers' bytes into shards (parallel).
+    coordinator_cpu: float = 0.0
+    copy_cpu: float = 0.0
+
+    @property
+    def serial_us_per_image(self) -> float:
+        """The coordinator's own CPU time per image, copies excluded (processes only)."""
+        return (self.coordinator_cpu - self.copy_cpu) / max(self.images, 1) * 1e6
 
     @property
     def images_per_second(self) -> float:
@@ -163,7 +190,7 @@ class PackSummary:
 
 @contextlib.contextmanager
 def _opencv_on_one_thread() -> Iterator[None]:
-    """Our threads give the parallelism: OpenCV's own pool would only oversubscribe the
+    """Our workers give the parallelism: OpenCV's own pool would only oversubscribe the
     cores. The caller's setting is restored afterwards."""
     before = cv2.getNumThreads()
     cv2.setNumThreads(1)
@@ -175,6 +202,12 @@ def _opencv_on_one_thread() -> Iterator[None]:
 
 Frame = list[Payload]
 """One record, framed (:func:`frame_record`) and ready to append to a `.rec`."""
+
+Item = tuple[str, "float | list[float]", int]
+"""What a worker needs for one image: its path under the root, its label(s), its index."""
+
+Source = "RootPaths | RemoteRoot"
+"""Where images are read from: a local folder (checked paths) or a folder at a URL."""
 
 
 def _read(paths: RootPaths, rel: str) -> bytes:
@@ -200,10 +233,16 @@ def _read(paths: RootPaths, rel: str) -> bytes:
         os.close(fd)
 
 
-def _record(paths: RootPaths, path: str, header: IRHeader, spec: EncodeSpec) -> Frame | str:
-    """The framed record of the image at ``path`` under the root, or why it is skipped."""
+def _record(source, item: Item, spec: EncodeSpec, data: bytes | str | None) -> Frame | str:
+    """The framed record of one image, or why it is skipped. ``data``: the file's bytes
+    when already fetched (object storage), the reason it could not be, or None (read it)."""
+    path, label, index = item
+    if isinstance(data, str):
+        return data
     try:
-        return frame_record(transcode(_read(paths, path), spec), header)
+        if data is None:
+            data = _read(source, path)
+        return frame_record(transcode(data, spec), IRHeader(0, label, index, 0))
     except (ImageError, RecordIOError, ValueError) as exc:
         return str(exc)
     except OSError as exc:
@@ -212,57 +251,258 @@ def _record(paths: RootPaths, path: str, header: IRHeader, spec: EncodeSpec) -> 
         return "out of memory reading it"
 
 
-Work = tuple[str, IRHeader]  # an image's path under the root, and its record's header
+def _records(source, spec: EncodeSpec, items: Sequence[Item]) -> list[Frame | str]:
+    """The records of a batch, in order. From object storage the batch's objects are
+    fetched together, concurrently, before any is decoded."""
+    if isinstance(source, RootPaths):
+        return [_record(source, item, spec, None) for item in items]
+    datas = source.read_many([item[0] for item in items], MAX_RECORD_SIZE)
+    return [_record(source, item, spec, d) for item, d in zip(items, datas, strict=True)]
 
 
-def _records(paths: RootPaths, spec: EncodeSpec, batch: list[Work]) -> list[Frame | str]:
-    return [_record(paths, path, header, spec) for path, header in batch]
+def _writev_all(fd: int, parts: list[Payload], max_parts: int = 512) -> None:
+    """Write every part (``writev`` in groups under IOV_MAX; short writes resumed)."""
+    while parts:
+        done = os.writev(fd, parts[:max_parts])
+        first = 0
+        while first < len(parts) and done >= memoryview(parts[first]).nbytes:
+            done -= memoryview(parts[first]).nbytes
+            first += 1
+        parts = parts[first:]
+        if done:
+            parts[0] = memoryview(parts[0])[done:]
+
+
+@dataclass
+class Chunk:
+    """A batch's records as a worker process left them: framed, back to back, in the file
+    ``path``; ``sizes`` of the records written (in order), ``skips`` (position in the
+    batch, reason) of the images left out."""
+
+    path: str
+    sizes: list[int]
+    skips: list[tuple[int, str]]
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(source, spec: EncodeSpec, scratch: str) -> None:
+    cv2.setNumThreads(1)
+    _WORKER.update(source=source, spec=spec, scratch=scratch)
+
+
+def chunk_records(source, spec: EncodeSpec, items: Sequence[Item], path: str) -> Chunk:
+    """Make a batch's records and write them, framed and in order, to the file ``path``.
+
+    This is a worker process's whole job: reading, decoding, resizing, encoding and
+    framing all happen here; what goes back to the coordinator is a few numbers per
+    image (the bytes stay in the file, which the coordinator splices into the shard)."""
+    parts: list[Payload] = []
+    sizes: list[int] = []
+    skips: list[tuple[int, str]] = []
+    for i, result in enumerate(_records(source, spec, items)):
+        if isinstance(result, str):
+            skips.append((i, result))
+        else:
+            parts += result
+            sizes.append(sum(memoryview(p).nbytes for p in result))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        _writev_all(fd, parts)
+    finally:
+        os.close(fd)
+    return Chunk(path, sizes, skips)
+
+
+def _chunk_in_worker(seq: int, items: list[Item]) -> Chunk:
+    w = _WORKER
+    return chunk_records(w["source"], w["spec"], items, os.path.join(w["scratch"], f"{seq}.chunk"))
+
+
+def _place(path: str, dst: int, at: int, count: int) -> float:
+    """Copy the chunk file ``path`` into ``dst`` at byte ``at`` and remove it; returns the
+    CPU seconds it took. In the kernel where it can (``copy_file_range``, which also
+    shares blocks on filesystems that can), else through a buffer; several of these run
+    at once, on different ranges of the shard."""
+    start = time.thread_time()
+    src = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        done = 0
+        if count and hasattr(os, "copy_file_range"):
+            try:
+                while done < count:
+                    n = os.copy_file_range(src, dst, count - done, done, at + done)
+                    if n <= 0:
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        while done < count:
+            data = os.pread(src, min(count - done, 1 << 20), done)
+            if not data:
+                raise OSError(errno.EIO, "a worker's chunk file is shorter than it said")
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(dst, view, at + done)
+                view = view[n:]
+                done += n
+    finally:
+        os.close(src)
+        os.unlink(path)
+    return time.thread_time() - start
+
+
+class _ShardWriter(RecordWriter):
+    """A RecordWriter that also takes workers' chunk files: the coordinator only assigns
+    each chunk its place in the shard and writes its `.idx` lines; copier threads move
+    the bytes (kernel copies at explicit offsets, several at once). Every copy is
+    finished before the shard is synced and renamed, or before an aborted one is removed.
+    """
+
+    def __init__(self, path, idx_path, copier: ThreadPoolExecutor | None = None) -> None:
+        super().__init__(path, idx_path)
+        self._copier = copier
+        self._copies: deque[Future] = deque()
+        self.copy_cpu = 0.0
+
+    def _settle(self, keep: int) -> None:
+        """Wait until at most ``keep`` copies are running or queued."""
+        while len(self._copies) > keep:
+            self.copy_cpu += self._copies.popleft().result()
+
+    def append_chunk(self, chunk: Chunk, keys: Sequence[int]) -> None:
+        total = sum(chunk.sizes)
+        fd, at = self._file.fileno(), self._offset
+        if self._copier is None:
+            self.copy_cpu += _place(chunk.path, fd, at, total)
+        else:
+            self._copies.append(self._copier.submit(_place, chunk.path, fd, at, total))
+            self._settle(2 * self._copier._max_workers)  # chunk files on disk stay bounded
+        if total:
+            if self._idx is not None:
+                lines = []
+                for key, size in zip(keys, chunk.sizes, strict=True):
+                    lines.append(f"{key}\t{at}\n")
+                    at += size
+                self._idx.write("".join(lines))
+            self._offset += total
+            self.count += len(chunk.sizes)
+            if self._offset - self._synced >= self._SYNC_BYTES:
+                self._settle(0)
+                self.flush()  # starts the background sync every 32 MiB
+
+    def close(self) -> None:
+        try:
+            self._settle(0)
+        except BaseException:
+            self.abort()
+            raise
+        super().close()
+
+    def abort(self) -> None:
+        for future in self._copies:  # never close the file under a running copy
+            future.cancel()
+        for future in self._copies:
+            with contextlib.suppress(BaseException):
+                future.result()
+        self._copies.clear()
+        super().abort()
+
+
+def _scratch_dir(folder: Path) -> Path:
+    """A folder for workers' chunk files beside the outputs (so the copy into the shard
+    stays in one filesystem); those of packs that died (SIGKILL) are removed first."""
+    for old in folder.glob(".gpurec-work-*"):
+        try:
+            pid = int(old.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+    path = folder / f".gpurec-work-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _pool_context():
+    """forkserver where there is one (a fork of a process with threads is unsafe); the
+    server imports gpurec.pack (and OpenCV) once, each worker is a fork of it."""
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["gpurec.pack"])
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 def _in_order(
-    paths: RootPaths,
+    source,
     spec: EncodeSpec,
-    work: Iterable[Work],
+    batches: Iterable[list[Item]],
     workers: int,
-    batch: int = 8,
-    ahead: int = 4,
-) -> Iterator[list[Frame | str]]:
-    """Make the records of ``work`` on ``workers`` threads; lists of them come back in order.
+    executor: str = "processes",
+    scratch: Path | None = None,
+    ahead: int = 3,
+) -> Iterator[list[Frame | str] | Chunk]:
+    """The records of each batch, batch by batch in order, made on ``workers`` workers.
 
-    Threads, not processes: reading, decoding, resizing, encoding and most of framing
-    (the search for magic words) run in C with the GIL released, so a thread pool keeps
-    the cores busy with no image copied between processes, and the one thread that
-    writes only appends ready frames. On 2 cores it packs as fast as the process pool
-    it replaced (BENCHMARKS.md). What still holds the GIL (header checks, framing, the
-    loop) measured under 140 us per image against ~1.7 ms of work at 500x375 -> 256, so
-    one pack can keep at most about a dozen cores busy (estimated from that ratio, not
-    measured on such a machine); more cores are better used by several ``num_parts``
-    jobs side by side. At most ``workers * ahead`` batches are in flight,
-    so memory does not grow with the list.
+    ``"processes"``: each worker process reads, decodes, resizes, encodes and frames a
+    whole batch and writes it to a chunk file in ``scratch`` (a :class:`Chunk` comes
+    back: sizes and skip reasons, no image bytes). The coordinator's share per image is
+    then a few microseconds (BENCHMARKS.md), so one pack keeps many cores busy.
+    ``"threads"``: a thread pool returning the frames themselves (decoding, resizing
+    and encoding release the GIL; what does not, ~140 us per image, caps a pack at
+    about a dozen cores). With one worker everything runs in this thread. At most
+    ``workers * ahead`` batches are in flight, so memory does not grow with the list.
     """
-    todo = iter(work)
+    todo = iter(batches)
     if workers <= 1:
-        while chunk := list(islice(todo, batch)):
-            yield _records(paths, spec, chunk)
+        for items in todo:
+            yield _records(source, spec, items)
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="gpurec-pack") as pool:
-        pending: deque[Future] = deque()
+    if executor == "processes":
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=_pool_context(),
+            initializer=_init_worker,
+            initargs=(source, spec, str(scratch)),
+        )
+    else:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="gpurec-pack")
+    seq = 0
 
-        def submit() -> None:
-            chunk = list(islice(todo, batch))
-            if chunk:
-                pending.append(pool.submit(_records, paths, spec, chunk))
+    def submit() -> None:
+        nonlocal seq
+        items = next(todo, None)
+        if items is not None:
+            if executor == "processes":
+                pending.append(pool.submit(_chunk_in_worker, seq, items))
+            else:
+                pending.append(pool.submit(_records, source, spec, items))
+            seq += 1
 
-        try:
-            for _ in range(workers * ahead):
-                submit()
-            while pending:
+    pending: deque[Future] = deque()
+    try:
+        for _ in range(workers * ahead):
+            submit()
+        while pending:
+            try:
                 done = pending.popleft().result()
-                submit()
-                yield done
-        finally:  # an error or a closed generator: drop the queued work, finish the rest
-            for future in pending:
-                future.cancel()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    "a pack worker process died (killed, out of memory, or a crash in a "
+                    "decoder); nothing partial was left under a final name"
+                ) from None
+            submit()
+            yield done
+    finally:  # an error or a closed generator: drop the queued work, finish the rest
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _label(entry: ListEntry, pack_label: bool) -> float | list[float]:
@@ -273,8 +513,14 @@ def _label(entry: ListEntry, pack_label: bool) -> float | list[float]:
     return entry.labels[0]
 
 
+def batch_size_for(total: int, workers: int) -> int:
+    """Images per batch: 64 (the coordinator's per-batch costs spread thin), fewer when
+    that would leave workers idle on a small pack."""
+    return max(1, min(64, -(-total // max(1, workers * 4))))
+
+
 def write_shards(
-    root: str | Path,
+    root: str | Path | RemoteRoot,
     jobs: Sequence[ShardJob],
     spec: EncodeSpec,
     *,
@@ -282,45 +528,95 @@ def write_shards(
     rule: RootRule = RootRule(),
     workers: int | None = None,
     progress: Progress | None = None,
+    executor: str = "processes",
+    on_shard: Callable[[ShardJob], None] | None = None,
+    batch: int | None = None,
 ) -> PackSummary:
     """Write every job's `.rec`/`.idx` (and `.lst` of what was packed), in list order.
 
     A record is ``IRHeader(0, label, index, 0)`` + image bytes, keyed by the list index
     in the `.idx`, as im2rec writes it. Each shard is written under temporary names and
     renamed when complete; an interruption leaves no partial file under a final name.
+    Batches never straddle two shards; the records, and so the bytes, are the same
+    whatever ``workers``, ``executor`` and ``batch``. ``on_shard(job)`` is called once
+    each shard is complete (to upload it).
     """
+    if executor not in ("processes", "threads"):
+        raise ValueError(f"executor must be 'processes' or 'threads' here, got {executor!r}")
     workers = workers or os.cpu_count() or 1
     summary = PackSummary()
+    source = root if isinstance(root, RemoteRoot) else RootPaths(root, rule)
+    size = batch or batch_size_for(sum(len(job.entries) for job in jobs), workers)
     work = (
-        (entry.path, IRHeader(0, _label(entry, pack_label), entry.index, 0))
+        [(e.path, _label(e, pack_label), e.index) for e in job.entries[s : s + size]]
         for job in jobs
-        for entry in job.entries
+        for s in range(0, len(job.entries), size)
     )
-    with _opencv_on_one_thread():
-        batches = _in_order(RootPaths(root, rule), spec, work, workers)
-        results = (result for batch in batches for result in batch)
-        try:
-            for job in jobs:
-                job.prefix.parent.mkdir(parents=True, exist_ok=True)
-                kept: list[ListEntry] = []
-                with RecordWriter(job.rec, job.idx) as writer:
-                    for n, entry in enumerate(job.entries, 1):
-                        result = next(results)
-                        if isinstance(result, str):
-                            summary.skipped.append((entry.path, result))
-                        else:
-                            writer.write_frame(result, key=entry.index)
-                            kept.append(entry)
-                        if progress is not None and (n % 64 == 0 or n == len(job.entries)):
-                            progress(n % 64 or 64)
-                if job.write_lst:  # once its .rec/.idx are in place, never beside old ones
-                    write_lst(job.lst, kept)
-                summary.bytes += writer.tell()
-                summary.images += len(kept)
-                summary.outputs.append(job.rec)
-        finally:
-            batches.close()
+    folders = {job.prefix.parent for job in jobs}
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    scratch = None
+    if workers > 1 and executor == "processes" and jobs:
+        scratch = _scratch_dir(jobs[0].prefix.parent)
+    copier = None
+    if scratch is not None:
+        copier = ThreadPoolExecutor(min(4, workers), thread_name_prefix="gpurec-copy")
+    start_cpu = time.process_time()
+    try:
+        with _opencv_on_one_thread():
+            results = _in_order(source, spec, work, workers, executor, scratch)
+            try:
+                for job in jobs:
+                    _write_job(job, results, size, summary, progress, copier)
+                    if on_shard is not None:
+                        on_shard(job)
+            finally:
+                results.close()
+    finally:
+        if copier is not None:
+            copier.shutdown(wait=True, cancel_futures=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    summary.coordinator_cpu = time.process_time() - start_cpu
     return summary
+
+
+def _write_job(
+    job: ShardJob,
+    results: Iterator[list[Frame | str] | Chunk],
+    size: int,
+    summary: PackSummary,
+    progress: Progress | None,
+    copier: ThreadPoolExecutor | None = None,
+) -> None:
+    """One shard from the next batches of ``results``: the coordinator's loop."""
+    kept: list[ListEntry] = []
+    with _ShardWriter(job.rec, job.idx, copier) as writer:
+        for s in range(0, len(job.entries), size):
+            entries = job.entries[s : s + size]
+            result = next(results)
+            if isinstance(result, Chunk):
+                skips = dict(result.skips)
+            else:
+                skips = {i: r for i, r in enumerate(result) if isinstance(r, str)}
+            good = entries if not skips else [e for i, e in enumerate(entries) if i not in skips]
+            if isinstance(result, Chunk):
+                writer.append_chunk(result, [e.index for e in good])
+            else:
+                frames = (r for r in result if not isinstance(r, str))
+                for entry, frame in zip(good, frames, strict=True):
+                    writer.write_frame(frame, key=entry.index)
+            kept += good
+            if skips:
+                summary.skipped += [(entries[i].path, reason) for i, reason in skips.items()]
+            if progress is not None:
+                progress(len(entries))
+    if job.write_lst:  # once its .rec/.idx are in place, never beside old ones
+        write_lst(job.lst, kept)
+    summary.bytes += writer.tell()
+    summary.copy_cpu += writer.copy_cpu
+    summary.images += len(kept)
+    summary.outputs.append(job.rec)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -389,7 +685,7 @@ def unique_indices(entries: Iterable[ListEntry]) -> tuple[list[ListEntry], list[
     return kept, skipped
 
 
-def _listing(root: Path, opts: PackOptions) -> Listing:
+def _listing(root: Path | RemoteRoot, opts: PackOptions) -> Listing:
     if opts.lst is None:
         return list_images(
             root,
@@ -402,6 +698,85 @@ def _listing(root: Path, opts: PackOptions) -> Listing:
     entries, duplicates = unique_indices(read_lst(opts.lst, malformed))
     labels = sorted({int(e.labels[0]) for e in entries if e.labels})
     return Listing(entries, [str(label) for label in labels], malformed + duplicates)
+
+
+def plan_jobs(
+    root: str | Path | RemoteRoot, prefix: Path, opts: PackOptions
+) -> tuple[Listing, list[ShardJob]]:
+    """The listing and every shard job of a pack (all parts), in output order."""
+    listing = _listing(root, opts)
+    splits = split_entries(
+        listing.entries,
+        train_ratio=opts.train_ratio,
+        test_ratio=opts.test_ratio,
+        shuffle=opts.shuffle,
+        seed=opts.seed,
+    )
+    jobs = [
+        ShardJob(shard_prefix(prefix, split, k, opts.shards), chunk)
+        for split, members in splits.items()
+        for k, chunk in enumerate(_even_chunks(members, opts.shards))
+    ]
+    return listing, jobs
+
+
+class _Outputs:
+    """Where a pack's files go: beside ``prefix`` on local disk, or, for a URL prefix,
+    to a local staging folder first and from there to the store, shard by shard
+    (:class:`gpurec.storage.Publisher`: `.rec`, then `.idx`, then `.lst`; the manifest
+    files last)."""
+
+    def __init__(self, prefix: str | Path, storage_options: dict | None) -> None:
+        text = str(prefix) if isinstance(prefix, str) else os.fspath(prefix)
+        self.url = text.rstrip("/") if is_url(text) and not text.startswith("file://") else None
+        if self.url is None:
+            self.stage = None
+            self.prefix = Path(local_path(text))
+            self.publisher = None
+        else:
+            self.stage = staging_dir()
+            name = self.url.rsplit("/", 1)[1]
+            if not name:
+                raise ValueError(f"output prefix {text!r} names no file prefix")
+            self.prefix = self.stage / name
+            self.publisher = Publisher(self.url, storage_options)
+
+    def final(self, local: Path) -> str | Path:
+        """The final name (URL or path) of a staged or local file."""
+        if self.url is None:
+            return local
+        return self.url.rsplit("/", 1)[0] + "/" + local.name
+
+    def _path(self, local: Path) -> str:
+        return self.publisher.path(str(self.final(local)))
+
+    def shard_done(self, job: ShardJob) -> None:
+        if self.publisher is None:
+            return
+        files = [job.rec, job.idx] + ([job.lst] if job.write_lst else [])
+        self.publisher.publish(
+            [(f, self._path(f)) for f in files], delete_first=[self._path(job.idx)]
+        )
+
+    def manifest(self, path: Path, exists: bool) -> None:
+        """Publish a manifest file written at ``path`` (or remove a stale one)."""
+        if self.publisher is None:
+            return
+        if exists:
+            self.publisher.publish([(path, self._path(path))])
+        else:
+            self.publisher.remove(self._path(path))
+
+    def close(self, ok: bool) -> None:
+        try:
+            if self.publisher is not None:
+                if ok:
+                    self.publisher.close()
+                else:
+                    self.publisher.abort()
+        finally:
+            if self.stage is not None:
+                shutil.rmtree(self.stage, ignore_errors=True)
 
 
 def pack(
@@ -419,46 +794,58 @@ def pack(
     label); and ``<prefix>.skipped.tsv`` listing every image left out with the reason,
     when any were. ``options`` are :class:`PackOptions` fields. ``on_plan`` is told how
     many images will be processed before the work starts (for a progress total).
+    ``root`` and ``prefix`` may be URLs (``s3://bucket/train``); see the module docstring.
     """
     start = time.perf_counter()
     opts = PackOptions.from_dict(options)
-    root, prefix = Path(root), Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    listing = _listing(root, opts)
-    splits = split_entries(
-        listing.entries,
-        train_ratio=opts.train_ratio,
-        test_ratio=opts.test_ratio,
-        shuffle=opts.shuffle,
-        seed=opts.seed,
-    )
-    jobs = [
-        ShardJob(shard_prefix(prefix, split, k, opts.shards), chunk)
-        for split, members in splits.items()
-        for k, chunk in enumerate(_even_chunks(members, opts.shards))
-    ]
-    mine = jobs[opts.part :: opts.num_parts]
-    if on_plan is not None:
-        on_plan(sum(len(job.entries) for job in mine))
-    summary = write_shards(
-        root,
-        mine,
-        opts.encode_spec(),
-        pack_label=opts.pack_label,
-        rule=RootRule(opts.follow_links, opts.allow_outside_root),
-        workers=opts.workers,
-        progress=progress,
-    )
-    _write_json(  # last: a pack that failed leaves nothing under a final name
-        prefix.with_name(prefix.name + ".classes.json"),
-        {"classes": listing.classes, "labels_from": _labels_from(opts)},
-    )
-    summary.skipped[:0] = listing.skipped if opts.part == 0 else []
-    summary.classes = listing.classes
-    part = f".part-{opts.part}-of-{opts.num_parts}" if opts.num_parts > 1 else ""
-    summary.report = write_report(
-        prefix.with_name(f"{prefix.name}{part}.skipped.tsv"), summary.skipped
-    )
+    root_text = root if isinstance(root, str) else os.fspath(root)
+    if is_url(root_text) and not root_text.startswith("file://"):
+        source: Path | RemoteRoot = RemoteRoot(root_text, opts.storage_options)
+    else:
+        source = Path(local_path(root_text))
+    outputs = _Outputs(prefix, opts.storage_options)
+    ok = False
+    try:
+        prefix = outputs.prefix
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        listing, jobs = plan_jobs(source, prefix, opts)
+        mine = jobs[opts.part :: opts.num_parts]
+        if on_plan is not None:
+            on_plan(sum(len(job.entries) for job in mine))
+        if opts.executor == "ray":
+            from gpurec.executors import ray_write_shards
+
+            summary = ray_write_shards(source, mine, opts, outputs=outputs, progress=progress)
+        else:
+            summary = write_shards(
+                source,
+                mine,
+                opts.encode_spec(),
+                pack_label=opts.pack_label,
+                rule=RootRule(opts.follow_links, opts.allow_outside_root),
+                workers=opts.workers,
+                progress=progress,
+                executor=opts.executor,
+                on_shard=outputs.shard_done,
+            )
+        classes = prefix.with_name(prefix.name + ".classes.json")
+        _write_json(  # last: a pack that failed leaves nothing under a final name
+            classes, {"classes": listing.classes, "labels_from": _labels_from(opts)}
+        )
+        outputs.manifest(classes, True)
+        summary.skipped[:0] = listing.skipped if opts.part == 0 else []
+        summary.classes = listing.classes
+        part = f".part-{opts.part}-of-{opts.num_parts}" if opts.num_parts > 1 else ""
+        report = prefix.with_name(f"{prefix.name}{part}.skipped.tsv")
+        summary.report = write_report(report, summary.skipped)
+        outputs.manifest(report, summary.report is not None)
+        if outputs.url is not None:
+            summary.outputs = [str(outputs.final(Path(p))) for p in summary.outputs]
+            if summary.report is not None:
+                summary.report = str(outputs.final(report))
+        ok = True
+    finally:
+        outputs.close(ok)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -480,6 +867,7 @@ def pack_lists(
     workers: int = 1,
     rule: RootRule = RootRule(follow_links=True),
     progress: Progress | None = None,
+    executor: str = "processes",
 ) -> PackSummary:
     """im2rec's packing step: ``X.lst`` -> ``X.rec`` + ``X.idx`` beside it, for each list.
 
@@ -500,6 +888,7 @@ def pack_lists(
             rule=rule,
             workers=workers,
             progress=progress,
+            executor=executor,
         )
         done.skipped[:0] = malformed + duplicates
         write_report(lst.with_suffix(".skipped.tsv"), done.skipped)

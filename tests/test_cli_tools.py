@@ -34,7 +34,7 @@ def test_info_json_values(packed: Path) -> None:
     assert got["label_kind"] == "single"
     assert got["sample"]["formats"] == {"jpeg": 9} and got["sample"]["height"]["min"] == 40
     text = run_gpurec("info", packed / "ds_val")
-    assert text.returncode == 0 and text.stdout.strip().splitlines()[-1].startswith("6 records")
+    assert text.returncode == 0 and text.stdout.strip().splitlines()[-1].startswith("6 images")
 
 
 def test_info_multi_label(golden: Path) -> None:

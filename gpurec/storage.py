@@ -1,0 +1,593 @@
+"""Object storage through fsspec: URLs as pack inputs and outputs, and a local shard cache.
+
+Any fsspec protocol works (``s3://`` with the ``s3`` extra, ``gs://`` with ``gcs``,
+``memory://``, ``http://`` for reading, ...). Credentials and endpoints come from the
+store's usual environment and config files (``AWS_*`` including ``AWS_ENDPOINT_URL``,
+``~/.aws``, Google's default credentials) or from ``storage_options`` (``--storage-option
+key=value``), passed to the filesystem as keyword arguments.
+
+- **Reading images** (:class:`RemoteRoot`): one recursive listing of the root (S3 lists
+  1,000 keys per request), walked in the order a local tree is walked, and the objects
+  of a batch fetched concurrently (``fs.cat`` of many paths, asynchronous in s3fs/gcsfs).
+- **Writing outputs** (:class:`Publisher`): the pack writes each shard to a local
+  staging folder, then uploads it. Nothing is visible half-written: on object stores an
+  object appears only once its upload is complete (a single PUT, or a multipart upload
+  whose completion is the last call); other filesystems get a temporary name and a move.
+  Per shard the `.rec` goes first and its `.idx` after it (a stale `.idx` of an earlier
+  pack is deleted before the new `.rec` is placed), and the manifest files
+  (``classes.json``, the skip report) go last, once every shard is in place.
+- **Training from a bucket** (:func:`fetch_shards`): shards are fetched whole into a
+  local cache (``$GPUREC_CACHE/shards``, ``~/.cache/gpurec/shards`` by default), checked
+  against the store's size and ETag, reused while they match, fetched again when they do
+  not, downloaded under a temporary name and renamed when complete, and shared by the
+  processes of a node through a lock file per shard (a shard is downloaded once however
+  many ranks ask). ``cache_limit`` bytes bounds the cache: least recently used shards
+  that no process is fetching are evicted (readers that already opened an evicted shard
+  keep reading it: the file is memory-mapped, and removing it frees it only when they close).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Publisher",
+    "RemoteRoot",
+    "ShardCache",
+    "cache_root",
+    "fetch_shards",
+    "filesystem",
+    "is_url",
+    "parse_storage_options",
+]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.rec$")
+# Stores on which an object becomes visible only when its upload is complete.
+_WHOLE_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "memory", "oss"}
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` is a URL with a protocol (``s3://b/k``); ``file://`` counts too."""
+    return isinstance(path, str) and bool(_URL.match(path))
+
+
+def local_path(path: str | os.PathLike) -> str | os.PathLike:
+    """``file:///x`` -> ``/x``; anything else unchanged."""
+    if isinstance(path, str) and path.startswith("file://"):
+        return path[len("file://") :]
+    return path
+
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec is a dependency
+        raise ImportError("URLs need fsspec: pip install 'gpurec[s3]' or 'gpurec[gcs]'") from None
+    return fsspec
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for ``url``; a clear error for a protocol
+    whose package is missing (``pip install 'gpurec[s3]'``)."""
+    fsspec = _fsspec()
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        protocol = url.split("://", 1)[0]
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
+        hint = f": pip install 'gpurec[{extra}]'" if extra else ""
+        raise ImportError(
+            f"{protocol}:// needs a package that is not installed{hint} ({exc})"
+        ) from None
+
+
+def parse_storage_options(items: Iterable[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> a dict for fsspec. Values are JSON when they parse as
+    JSON (numbers, ``true``/``false``, ``{"endpoint_url": ...}``), else strings; a dotted
+    key sets a nested value (``client_kwargs.endpoint_url=http://...``)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--storage-option wants key=value, got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        target = out
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--storage-option {item!r}: {part} is not a mapping")
+        target[last] = value
+    return out
+
+
+def _join(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}" if base else rel
+
+
+def _protocol(fs) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def _etag(info: dict) -> str | None:
+    """The store's version tag of an object: S3's ETag, GCS's etag/generation, or None."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "version_id", "VersionId"):
+        value = info.get(key)
+        if value not in (None, ""):
+            return str(value).strip('"')
+    return None
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+class RemoteRoot:
+    """An image folder at a URL: listed once, read in concurrent batches.
+
+    Pickles as its URL and options, so worker processes and Ray tasks open their own
+    filesystem (fsspec's clients are not shared across processes).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+        self._path = None
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["storage_options"])
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs, self._path = filesystem(self.url, self.storage_options)
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        self.fs  # noqa: B018 - resolves both
+        return self._path.rstrip("/")
+
+    def listing(self) -> dict[str, int]:
+        """Every object under the root: relative path -> size (one recursive listing)."""
+        fs, base = self.fs, self.path
+        fs.invalidate_cache(base)  # s3fs and gcsfs keep listings: this one must be fresh
+        if not fs.isdir(base):
+            raise FileNotFoundError(f"image folder not found: {self.url}")
+        found = fs.find(base, detail=True)
+        out = {}
+        for full, info in found.items():
+            if info.get("type", "file") != "file":
+                continue
+            rel = full[len(base) :].lstrip("/") if full.startswith(base) else full
+            if rel:
+                out[rel] = int(info.get("size") or 0)
+        return out
+
+    def walk(self) -> Iterator[tuple[str, list[str]]]:
+        """(relative folder, sorted file names), folders depth first in sorted order:
+        exactly the walk of a local tree with the same files (``"."`` is the root)."""
+        tree: dict = {}
+        for rel in self.listing():
+            node = tree
+            *folders, name = rel.split("/")
+            for folder in folders:
+                node = node.setdefault(folder, {})
+                if not isinstance(node, dict):
+                    break
+            else:
+                node.setdefault(name, None)
+
+        def visit(node: dict, rel: str) -> Iterator[tuple[str, list[str]]]:
+            names = sorted(node)
+            yield rel, [n for n in names if node[n] is None]
+            for n in names:
+                if node[n] is not None:
+                    yield from visit(node[n], n if rel == "." else f"{rel}/{n}")
+
+        yield from visit(tree, ".")
+
+    def check(self, rel: str) -> str:
+        """The full path of ``rel``; ValueError for absolute or ``..`` paths."""
+        if rel.startswith("/") or "://" in rel:
+            raise ValueError(f"absolute path refused: {rel!r} is not under the root")
+        parts = rel.split("/")
+        if ".." in parts:
+            raise ValueError(f"path escapes the root: {rel!r}")
+        return _join(self.path, "/".join(p for p in parts if p not in ("", ".")))
+
+    def read_many(self, rels: Sequence[str], max_size: int) -> list[bytes | str]:
+        """The bytes of each object, or the reason it cannot be read, in order.
+
+        All of them are requested at once (s3fs and gcsfs fetch them concurrently)."""
+        out: list[bytes | str] = [""] * len(rels)
+        paths: dict[str, list[int]] = {}
+        for i, rel in enumerate(rels):
+            try:
+                paths.setdefault(self.check(rel), []).append(i)
+            except ValueError as exc:
+                out[i] = str(exc)
+        if paths:
+            got = self.fs.cat(list(paths), on_error="return")
+            if not isinstance(got, dict):  # a single path comes back bare in some versions
+                got = {next(iter(paths)): got}
+            for path, where in paths.items():
+                data = got.get(path)
+                if isinstance(data, BaseException):
+                    reason = (
+                        "file not found"
+                        if isinstance(data, FileNotFoundError)
+                        else f"cannot read: {data}"
+                    )
+                    data = reason
+                elif data is None:
+                    data = "cannot read: no data returned"
+                elif len(data) > max_size:
+                    data = f"file of {len(data)} bytes is over a record's maximum of {max_size}"
+                for i in where:
+                    out[i] = data
+        return out
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+class Publisher:
+    """Moves finished local files to their final URLs, in order, in a background thread.
+
+    ``publish(pairs)`` queues a group of (local file, URL) pairs; each is uploaded in
+    order and the local file removed. Object stores make an object visible only when its
+    upload completes; elsewhere the file goes to ``URL.tmp`` and is moved into place.
+    ``delete_first`` URLs are removed before a group's first upload (a stale `.idx` must
+    never sit beside a new `.rec`). :meth:`close` waits for everything and raises the
+    first error.
+    """
+
+    def __init__(self, url_prefix: str, storage_options: dict | None = None) -> None:
+        self.fs, self.base = filesystem(url_prefix, storage_options)
+        self.protocol = _protocol(self.fs)
+        parent = self.base.rsplit("/", 1)[0] if "/" in self.base else ""
+        if parent and self.protocol not in _WHOLE_OBJECT_STORES:
+            self.fs.makedirs(parent, exist_ok=True)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpurec-upload")
+        self._pending: list[Future] = []
+
+    def path(self, url: str) -> str:
+        return filesystem(url)[1] if is_url(url) else url
+
+    def _put(self, local: Path, path: str) -> None:
+        if self.protocol in _WHOLE_OBJECT_STORES:
+            self.fs.put_file(str(local), path)
+        else:
+            tmp = path + ".tmp"
+            self.fs.put_file(str(local), tmp)
+            self.fs.mv(tmp, path)
+        local.unlink(missing_ok=True)
+
+    def _group(self, pairs: Sequence[tuple[Path, str]], delete_first: Sequence[str]) -> None:
+        if delete_first:
+            self.fs.invalidate_cache()
+        for path in delete_first:
+            with contextlib.suppress(FileNotFoundError):
+                if self.fs.exists(path):
+                    self.fs.rm_file(path)
+        for local, path in pairs:
+            self._put(local, path)
+
+    def publish(
+        self, pairs: Sequence[tuple[Path, str]], delete_first: Sequence[str] = ()
+    ) -> Future:
+        future = self._pool.submit(self._group, list(pairs), list(delete_first))
+        self._pending.append(future)
+        return future
+
+    def remove(self, path: str) -> None:
+        """Delete ``path`` if it exists (a stale skip report), after what is queued."""
+        self.publish([], [path])
+
+    def close(self) -> None:
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def staging_dir() -> Path:
+    """A new local folder for outputs on their way to a URL."""
+    return Path(tempfile.mkdtemp(prefix="gpurec-stage-"))
+
+
+# ------------------------------------------------------------------------- shard cache
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The shard cache: ``cache_dir``, else ``$GPUREC_CACHE/shards``, else
+    ``~/.cache/gpurec/shards``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    base = os.environ.get("GPUREC_CACHE") or Path.home() / ".cache" / "gpurec"
+    return Path(base) / "shards"
+
+
+@dataclass
+class _Remote:
+    """One remote object: its URL, path in the store, size and version tag."""
+
+    url: str
+    path: str
+    size: int
+    etag: str | None
+
+
+@contextlib.contextmanager
+def _locked(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created); yields False if not blocking and taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+class ShardCache:
+    """Whole shards of remote datasets, kept on local disk for training.
+
+    Layout: ``<root>/<hash of the remote folder>/<file name>`` (a shard keeps its name,
+    its `.idx` and the dataset's ``classes.json`` beside it), with ``<name>.meta.json``
+    (URL, size, ETag, when fetched) and ``<name>.lock`` per shard. ``fetched`` and
+    ``reused`` count files by what this object did.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | None = None,
+        storage_options: dict | None = None,
+        *,
+        parallel: int = 4,
+    ) -> None:
+        self.root = cache_root(cache_dir)
+        self.cache_limit = cache_limit
+        self.storage_options = dict(storage_options or {})
+        self.parallel = max(1, parallel)
+        self.fetched: list[str] = []
+        self.reused: list[str] = []
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------- finding shards
+    def resolve(self, url: str) -> list[list[_Remote]]:
+        """The shards a URL names (as :func:`gpurec.dataset.resolve_source` for paths:
+        a `.rec`, a prefix of ``PREFIX.rec`` or ``PREFIX-KKKKK-of-NNNNN.rec``, a glob),
+        each as its files: ``[rec, idx (if any)]``, in shard order; the dataset's
+        ``classes.json`` rides with the first shard."""
+        fs, path = filesystem(url, self.storage_options)
+        proto = url.split("://", 1)[0]
+
+        def to_url(p: str) -> str:
+            return p if is_url(p) else f"{proto}://{p}"
+
+        folder = path.rsplit("/", 1)[0]
+        fs.invalidate_cache(folder)  # sizes and ETags must be the store's, not a cached list
+        if any(c in path for c in "*?["):
+            infos = fs.ls(folder, detail=True)
+            by_path = {i["name"]: i for i in infos}
+            recs = sorted(p for p in by_path if p.endswith(".rec") and fnmatch.fnmatchcase(p, path))
+            if not recs:
+                raise FileNotFoundError(f"no .rec files match {url!r}")
+        else:
+            try:
+                infos = fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                infos = []
+            by_path = {i["name"]: i for i in infos}
+            if path.endswith(".rec"):
+                if path not in by_path:
+                    raise FileNotFoundError(f"record file not found: {url}")
+                recs = [path]
+            elif path + ".rec" in by_path:
+                recs = [path + ".rec"]
+            else:
+                pattern = re.compile(re.escape(path) + r"-\d{5}-of-\d{5}\.rec$")
+                recs = sorted(p for p in by_path if pattern.match(p))
+                if not recs:
+                    raise FileNotFoundError(
+                        f"no {url}.rec nor shards {url}-KKKKK-of-NNNNN.rec found"
+                    )
+                total = int(_SHARD.search(recs[0]).group(2))
+                have = {int(_SHARD.search(p).group(1)) for p in recs}
+                missing = sorted(set(range(total)) - have)
+                if missing:
+                    raise FileNotFoundError(
+                        f"{url}: shard(s) {', '.join(map(str, missing))} of {total} are missing"
+                    )
+        shards = []
+        for rec in recs:
+            files = []
+            for p in (rec, rec[:-4] + ".idx"):
+                info = by_path.get(p)
+                if info is not None:
+                    files.append(_Remote(to_url(p), p, int(info.get("size") or 0), _etag(info)))
+            shards.append(files)
+        stem = _SHARD.sub("", recs[0].rsplit("/", 1)[-1]).removesuffix(".rec")
+        for name in {stem, re.sub(r"_(train|val|test)$", "", stem)}:
+            cls = f"{folder}/{name}.classes.json"
+            if cls in by_path:
+                info = by_path[cls]
+                shards[0].append(_Remote(to_url(cls), cls, int(info.get("size") or 0), _etag(info)))
+        return shards
+
+    # ------------------------------------------------------------------ fetching
+    def local(self, remote: _Remote) -> Path:
+        folder_url = remote.url.rsplit("/", 1)[0]
+        digest = hashlib.sha1(folder_url.encode()).hexdigest()[:16]
+        return self.root / digest / remote.url.rsplit("/", 1)[1]
+
+    @staticmethod
+    def _meta_path(local: Path) -> Path:
+        return local.with_name(local.name + ".meta.json")
+
+    def _valid(self, local: Path, remote: _Remote) -> bool:
+        try:
+            meta = json.loads(self._meta_path(local).read_text())
+            size = local.stat().st_size
+        except (OSError, ValueError):
+            return False
+        return (
+            meta.get("url") == remote.url
+            and meta.get("size") == remote.size == size
+            and meta.get("etag") == remote.etag
+        )
+
+    def _download(self, fs, remote: _Remote, local: Path) -> None:
+        part = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            fs.get_file(remote.path, str(part))
+            got = part.stat().st_size
+            if got != remote.size:
+                raise OSError(f"{remote.url}: fetched {got} bytes, the store says {remote.size}")
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
+            meta = self._meta_path(local)
+            meta.unlink(missing_ok=True)  # never a valid meta beside a file being replaced
+            os.replace(part, local)
+            tmp = meta.with_name(meta.name + ".tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "url": remote.url,
+                        "size": remote.size,
+                        "etag": remote.etag,
+                        "fetched": time.time(),
+                    }
+                )
+            )
+            os.replace(tmp, meta)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def fetch_shard(self, files: Sequence[_Remote]) -> Path:
+        """Make one shard's files local (under its lock); returns the local `.rec`."""
+        fs = filesystem(files[0].url, self.storage_options)[0]
+        rec = self.local(files[0])
+        with _locked(rec.with_name(rec.name + ".lock")):
+            for remote in files:  # the .rec first: the .idx is only trusted beside it
+                local = self.local(remote)
+                if self._valid(local, remote):
+                    with self._lock:
+                        self.reused.append(remote.url)
+                else:
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    self._download(fs, remote, local)
+                    with self._lock:
+                        self.fetched.append(remote.url)
+                with contextlib.suppress(OSError):  # last use, for least-recently-used eviction
+                    os.utime(self._meta_path(local))
+        return rec
+
+    def fetch(self, url: str, on_ready: Callable[[int, Path], None] | None = None) -> list[Path]:
+        """The local `.rec` paths of every shard ``url`` names, fetching what is missing
+        or stale, ``parallel`` shards at a time in shard order; ``on_ready(i, path)`` is
+        called as each shard becomes local. Then evicts down to ``cache_limit``."""
+        shards = self.resolve(url)
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="gpurec-fetch") as pool:
+            futures = [pool.submit(self.fetch_shard, files) for files in shards]
+            out = []
+            for i, future in enumerate(futures):
+                out.append(future.result())
+                if on_ready is not None:
+                    on_ready(i, out[-1])
+        keep = {self.local(r) for files in shards for r in files}
+        self.evict(keep)
+        return out
+
+    # ------------------------------------------------------------------ eviction
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, local .rec) of every cached shard."""
+        out = []
+        for meta in self.root.glob("*/*.rec.meta.json"):
+            rec = meta.with_name(meta.name[: -len(".meta.json")])
+            try:
+                used = meta.stat().st_mtime
+                size = sum(p.stat().st_size for p in (rec, rec.with_suffix(".idx")) if p.exists())
+            except OSError:
+                continue
+            out.append((used, size, rec))
+        return sorted(out)
+
+    def evict(self, keep: Iterable[Path] = ()) -> list[Path]:
+        """Remove least recently used shards until the cache holds at most
+        ``cache_limit`` bytes; shards in ``keep`` and shards being fetched stay."""
+        if self.cache_limit is None:
+            return []
+        keep = set(keep)
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, rec in entries:
+            if total <= self.cache_limit:
+                break
+            if rec in keep:
+                continue
+            with _locked(rec.with_name(rec.name + ".lock"), blocking=False) as mine:
+                if not mine:
+                    continue
+                for path in (rec.with_suffix(".idx"), rec):
+                    self._meta_path(path).unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+            total -= size
+            removed.append(rec)
+        return removed
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def fetch_shards(
+    url: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
+    storage_options: dict | None = None,
+) -> list[Path]:
+    """The local `.rec` paths of the shards at ``url``, fetched into the cache as needed
+    (see :class:`ShardCache`). This is what ``gpurec.Pipeline("s3://...")`` calls."""
+    return ShardCache(cache_dir, cache_limit, storage_options).fetch(url)

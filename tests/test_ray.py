@@ -1,0 +1,56 @@
+"""``executor="ray"`` on a local Ray started by the test: the bytes of a local pack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import color_tree
+from test_storage import endpoint, s3  # noqa: F401 - fixtures
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_ray_pack_writes_the_bytes_of_a_local_pack(local_ray, tmp_path: Path) -> None:
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=8)
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    common = dict(resize=40, shards=3, train_ratio=0.75, seed=2)
+    local = pack(root, tmp_path / "local" / "ds", workers=1, **common)
+    seen = []
+    remote = pack(root, tmp_path / "ray" / "ds", executor="ray", progress=seen.append, **common)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")  # no temporary left
+    assert remote.images == local.images == 24 and sum(seen) == 25
+    assert remote.skipped == local.skipped and len(remote.skipped) == 1
+    # a second run over the first: the same files again, replaced once each
+    again = pack(root, tmp_path / "ray" / "ds", executor="ray", **common)
+    assert again.images == 24 and _files(tmp_path / "ray") == _files(tmp_path / "local")
+
+
+def test_ray_pack_from_and_to_a_bucket(local_ray, tmp_path: Path, endpoint, s3) -> None:  # noqa: F811
+    """Tasks get the store through ``storage_options`` (no environment on the workers)."""
+    from test_storage import BUCKET, keys, upload_tree
+
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=5)
+    upload_tree(s3, root, "images")
+    common = dict(resize=40, shards=2, seed=1)
+    pack(root, tmp_path / "local" / "ds", workers=1, **common)
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    pack(f"s3://{BUCKET}/images", f"s3://{BUCKET}/out/ds", executor="ray",
+         storage_options=options, **common)  # fmt: skip
+    got = keys(s3, "out/")
+    assert {k.removeprefix("out/"): v for k, v in got.items()} == _files(tmp_path / "local")

@@ -1,0 +1,233 @@
+"""Object storage against a real S3 API server (moto in server mode, on 127.0.0.1):
+packing from and to a bucket, and the Pipeline's local shard cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import color_tree, run_gpurec
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "gpurec-test"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(endpoint, monkeypatch):
+    """A fresh bucket on the moto server; AWS_* point every client (and subprocess) at it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    client.delete_bucket(Bucket=BUCKET)
+
+
+def keys(client, prefix: str = "") -> dict[str, bytes]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def upload_tree(client, root: Path, prefix: str) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(root).as_posix()
+            client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=path.read_bytes())
+
+
+def test_pack_from_and_to_a_bucket_gives_the_bytes_of_a_local_pack(s3, tmp_path: Path) -> None:
+    root = color_tree(tmp_path / "img", per_class=6)
+    (root / "b" / "broken.jpg").write_bytes(b"not an image")
+    upload_tree(s3, root, "images")
+    common = ["--resize", "40", "--shards", "2", "--train-ratio", "0.75", "--workers", "2"]
+    local = run_gpurec("pack", root, tmp_path / "local" / "ds", *common)
+    assert local.returncode == 0, local.stderr
+    remote = run_gpurec(
+        "pack", f"s3://{BUCKET}/images", f"s3://{BUCKET}/out/ds", *common,
+        "--storage-option", "default_block_size=5242880",
+    )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert "skipped 1" in remote.stdout
+    got = keys(s3, "out/")
+    want = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(k.removeprefix("out/") for k in got) == want  # nothing temporary left
+    for name in want:
+        assert got[f"out/{name}"] == (tmp_path / "local" / name).read_bytes(), name
+    # a local pack from the bucket, and a pack of the local tree into the bucket: same bytes
+    mixed = run_gpurec("pack", f"s3://{BUCKET}/images", tmp_path / "mixed" / "ds", *common)
+    assert mixed.returncode == 0, mixed.stderr
+    for name in want:
+        assert (tmp_path / "mixed" / name).read_bytes() == got[f"out/{name}"], name
+
+
+def test_a_pack_that_fails_leaves_no_shard_in_the_bucket(s3, tmp_path: Path) -> None:
+    root = color_tree(tmp_path / "img", per_class=40)
+    upload_tree(s3, root, "images")
+    args = [
+        sys.executable, "-m", "gpurec", "pack", f"s3://{BUCKET}/images", f"s3://{BUCKET}/out/ds",
+        "--resize", "100", "--workers", "1", "--quality", "100",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stage = None
+    deadline = time.monotonic() + 60
+    while stage is None and time.monotonic() < deadline:  # the shard is being written locally
+        found = list(Path(os.environ.get("TMPDIR", "/tmp")).glob("gpurec-stage-*/ds.rec.tmp"))
+        stage = found[0] if found else None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert keys(s3, "out/") == {}
+    assert not stage.parent.exists()  # the staging folder is removed too
+
+
+def test_storage_options_parse() -> None:
+    from gpurec.storage import parse_storage_options
+
+    got = parse_storage_options(
+        ["anon=true", "client_kwargs.endpoint_url=http://127.0.0.1:9000", "max_concurrency=8"]
+    )
+    assert got == {
+        "anon": True,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+        "max_concurrency": 8,
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        parse_storage_options(["anon"])
+
+
+# ------------------------------------------------------------------------ the shard cache
+
+
+def _packed(tmp_path: Path, s3, shards: int = 3) -> Path:
+    root = color_tree(tmp_path / "img", per_class=8)
+    from gpurec.pack import pack
+
+    pack(root, tmp_path / "local" / "ds", resize=32, shards=shards, workers=1)
+    for path in sorted((tmp_path / "local").iterdir()):
+        s3.put_object(Bucket=BUCKET, Key=f"data/{path.name}", Body=path.read_bytes())
+    return tmp_path / "local"
+
+
+def test_pipeline_reads_s3_through_the_cache_and_a_second_open_fetches_nothing(
+    s3, tmp_path: Path
+) -> None:
+    from gpurec import Pipeline
+    from gpurec.storage import ShardCache
+
+    local = _packed(tmp_path, s3)
+    cache_dir = tmp_path / "cache"
+    kw = dict(device="cpu", backend="cpu", train=False, seed=3, num_shards=1, shard_id=0)
+    remote = Pipeline(f"s3://{BUCKET}/data/ds", 8, (3, 24, 24), cache_dir=cache_dir, **kw)
+    plain = Pipeline(str(local / "ds"), 8, (3, 24, 24), **kw)
+    for a, b in zip(remote, plain, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.label, b.label)
+    cached = sorted(p.name for p in cache_dir.rglob("*.rec"))
+    assert cached == [f"ds-0000{k}-of-00003.rec" for k in range(3)]
+    for rec in cache_dir.rglob("*.rec"):
+        assert rec.read_bytes() == (local / rec.name).read_bytes()
+        assert (
+            rec.with_suffix(".idx").read_bytes()
+            == (local / rec.with_suffix(".idx").name).read_bytes()
+        )
+    assert list(cache_dir.rglob("ds.classes.json"))  # beside the shards, for `show`
+    again = ShardCache(cache_dir)
+    paths = again.fetch(f"s3://{BUCKET}/data/ds")
+    assert again.fetched == [] and len(again.reused) == 7  # 3 x (.rec, .idx) + classes
+    assert [p.name for p in paths] == cached
+
+
+def test_a_shard_changed_remotely_is_fetched_again(s3, tmp_path: Path) -> None:
+    from gpurec.storage import ShardCache
+
+    local = _packed(tmp_path, s3, shards=2)
+    cache_dir = tmp_path / "cache"
+    ShardCache(cache_dir).fetch(f"s3://{BUCKET}/data/ds")
+    name = "ds-00001-of-00002.rec"
+    data = bytearray((local / name).read_bytes())
+    data[-8:] = b"\x01" * 8  # same size, other bytes: only the ETag tells
+    s3.put_object(Bucket=BUCKET, Key=f"data/{name}", Body=bytes(data))
+    cache = ShardCache(cache_dir)
+    paths = cache.fetch(f"s3://{BUCKET}/data/ds")
+    assert cache.fetched == [f"s3://{BUCKET}/data/{name}"]
+    assert paths[1].read_bytes() == bytes(data)
+
+
+def test_an_interrupted_fetch_leaves_no_shard_under_its_final_name(s3, tmp_path: Path) -> None:
+    big = os.urandom(1 << 20) * 96  # 96 MiB: long enough to be caught mid-way
+    s3.put_object(Bucket=BUCKET, Key="big/ds.rec", Body=big)
+    cache_dir = tmp_path / "cache"
+    code = (
+        "import sys; from gpurec.storage import fetch_shards; "
+        "fetch_shards(sys.argv[1], cache_dir=sys.argv[2])"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, f"s3://{BUCKET}/big/ds", str(cache_dir)])
+    deadline = time.monotonic() + 60
+    while not list(cache_dir.rglob("*.part")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert list(cache_dir.rglob("*.part")), "the fetch ended before it could be interrupted"
+    assert not list(cache_dir.rglob("ds.rec")) and not list(cache_dir.rglob("*.meta.json"))
+    from gpurec.storage import ShardCache
+
+    cache = ShardCache(cache_dir)
+    (path,) = cache.fetch(f"s3://{BUCKET}/big/ds")
+    assert cache.fetched == [f"s3://{BUCKET}/big/ds.rec"]
+    assert path.stat().st_size == len(big) and path.read_bytes() == big
+
+
+def test_ranks_share_the_cache_and_lru_eviction_keeps_it_under_the_limit(
+    s3, tmp_path: Path
+) -> None:
+    from gpurec.storage import ShardCache
+
+    _packed(tmp_path, s3, shards=3)
+    cache_dir = tmp_path / "cache"
+    caches = [ShardCache(cache_dir) for _ in range(4)]  # four ranks of one node, at once
+    threads = [threading.Thread(target=c.fetch, args=(f"s3://{BUCKET}/data/ds",)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fetched = [url for c in caches for url in c.fetched]
+    assert sorted(fetched) == sorted(set(fetched)) and len(fetched) == 7  # each file once
+    # a second dataset with a limit that holds only it: the first one's shards go
+    s3.put_object(Bucket=BUCKET, Key="other/x.rec", Body=os.urandom(5000))
+    s3.put_object(Bucket=BUCKET, Key="other/x.idx", Body=b"0\t0\n")
+    limited = ShardCache(cache_dir, cache_limit=6000)
+    (x,) = limited.fetch(f"s3://{BUCKET}/other/x")
+    assert x.is_file()
+    assert [rec.name for _, _, rec in limited.entries()] == ["x.rec"]
+    assert sum(size for size, _ in [(s, r) for _, s, r in limited.entries()]) <= 6000
