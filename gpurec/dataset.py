@@ -475,6 +475,14 @@ class Dataset:
             return f"key {int(s.keys[pos])}"
         return f"record {pos}"
 
+    def read_view(self, i: int) -> memoryview | bytes:
+        """:meth:`read` without a copy where it can: a view of the memory-mapped shard."""
+        shard, pos = self.locate(i)
+        s = self.shards[shard]
+        if s.first_label_only:
+            return self.read(i)
+        return s.reader.view_at(self._offsets[shard][pos])
+
     def where(self, i: int) -> str:
         """``shard.rec record K at byte B``: how errors name a record."""
         shard, pos = self.locate(i)

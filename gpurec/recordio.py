@@ -55,6 +55,7 @@ __all__ = [
     "rebuild_idx",
     "scan_offsets",
     "unpack",
+    "unpack_view",
     "write_idx",
     "write_lst",
 ]
@@ -137,13 +138,26 @@ def unpack(record: bytes | memoryview) -> tuple[IRHeader, bytes]:
     Like ``mxnet.recordio.unpack``, a header with ``flag > 0`` gets its ``label``
     replaced by the ``flag`` float32 labels that follow it.
     """
+    header, end = _header(record)
+    return header, bytes(record[end:])
+
+
+def unpack_view(record: bytes | memoryview) -> tuple[IRHeader, memoryview]:
+    """:func:`unpack` without copying the payload: a memoryview of ``record`` (with
+    :meth:`RecordReader.view_at`, of the memory-mapped file itself)."""
+    header, end = _header(record)
+    return header, memoryview(record)[end:]
+
+
+def _header(record: bytes | memoryview) -> tuple[IRHeader, int]:
+    """The IRHeader (labels included) of a record, and where its payload starts."""
     if len(record) < IR_SIZE:
         raise RecordIOError(
             f"record of {len(record)} bytes is shorter than the {IR_SIZE}-byte IRHeader"
         )
     flag, label, rid, rid2 = _IR.unpack_from(record, 0)
     if flag == 0:
-        return IRHeader(0, label, rid, rid2), bytes(record[IR_SIZE:])
+        return IRHeader(0, label, rid, rid2), IR_SIZE
     end = IR_SIZE + 4 * flag
     if end > len(record):
         raise RecordIOError(
@@ -151,7 +165,7 @@ def unpack(record: bytes | memoryview) -> tuple[IRHeader, bytes]:
             f"{len(record) - IR_SIZE} bytes after the header"
         )
     labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_SIZE).copy()
-    return IRHeader(flag, labels, rid, rid2), bytes(record[end:])
+    return IRHeader(flag, labels, rid, rid2), end
 
 
 # ------------------------------------------------------------------------ record frames
@@ -452,6 +466,7 @@ class RecordReader:
         with open(self.path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        self._view = memoryview(self._mm)
         self._lock = threading.Lock()
         self._keys: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
@@ -535,6 +550,12 @@ class RecordReader:
         payload, nxt = _read_frames(self._mm, self.size, int(offset), self.path)
         return bytes(payload), nxt
 
+    def view_at(self, offset: int) -> memoryview | bytes:
+        """The record at byte ``offset`` without copying it: a read-only view of the
+        memory map (a record split into parts is joined: a copy). Loaders that decode
+        straight from it allocate nothing per record, which keeps their memory flat."""
+        return _read_frames(self._view, self.size, int(offset), self.path)[0]
+
     def __getitem__(self, i: int) -> bytes:
         offsets = self.offsets
         n = len(offsets)
@@ -604,8 +625,11 @@ class RecordReader:
 
     # -- lifetime
     def close(self) -> None:
+        self._view.release()
         if isinstance(self._mm, mmap.mmap):
-            self._mm.close()
+            # views of records still in use: the map is unmapped when the last one goes
+            with contextlib.suppress(BufferError):
+                self._mm.close()
 
     def __enter__(self) -> RecordReader:
         return self

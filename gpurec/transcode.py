@@ -113,28 +113,41 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def sniff(data: bytes) -> ImageInfo:
+def _has_after(data: bytes | memoryview, marker: bytes, start: int) -> bool:
+    """Whether ``marker`` occurs in ``data`` at or after ``start``. A memoryview (a record
+    read in place from its memory map) is checked at its end first, where the marker
+    nearly always is, so it is copied only in the rare other case."""
+    if isinstance(data, memoryview):
+        n = len(marker)
+        if len(data) - n >= start and data[len(data) - n :] == marker:
+            return True
+        data = bytes(data)
+    return data.rfind(marker, start) >= 0  # from the end: found at once
+
+
+def sniff(data: bytes | memoryview) -> ImageInfo:
     """Identify an image by its signature (not its file name) and read its size.
 
     Raises ImageError for empty files, unknown signatures and truncated JPEG/PNG files
-    (a JPEG must hold an end marker after its first scan, a PNG its IEND chunk).
+    (a JPEG must hold an end marker after its first scan, a PNG its IEND chunk). ``data``
+    may be a memoryview, which is not copied.
     """
     if not data:
         raise ImageError("empty file")
-    if data.startswith(b"\xff\xd8\xff"):
+    if data[:3] == b"\xff\xd8\xff":
         frame = _jpeg_frame(data)
         if frame is None:
             raise ImageError("corrupt or truncated JPEG header (no frame and scan found)")
         # Entropy-coded data cannot hold 0xFFD9 (0xFF bytes are stuffed), so the image is
         # whole when an end marker follows its first scan. Bytes after it (camera trailers,
         # motion-photo videos) are allowed.
-        if data.rfind(b"\xff\xd9", frame[2]) < 0:  # from the end: found at once
+        if not _has_after(data, b"\xff\xd9", frame[2]):
             raise ImageError("truncated JPEG (no end-of-image marker)")
         return ImageInfo("jpeg", frame[0], frame[1])
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ImageError("corrupt PNG header")
-        if data.rfind(b"IEND\xaeB`\x82") < 0:  # IEND holds no data: its CRC is fixed
+        if not _has_after(data, b"IEND\xaeB`\x82", 0):  # IEND holds no data: a fixed CRC
             raise ImageError("truncated PNG (no IEND chunk)")
         width, height = struct.unpack_from(">II", data, 16)
         return ImageInfo("png", width, height)

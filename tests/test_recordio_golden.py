@@ -111,3 +111,28 @@ def test_lst_round_trips_to_mxnet_bytes(golden: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.lst"
     assert write_lst(out, entries) == 12
     assert out.read_bytes() == (golden / "passthrough.lst").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["special", "passthrough"])
+def test_views_read_the_same_records_without_copying(golden: Path, name: str) -> None:
+    """view_at/unpack_view give what read_at/unpack give; single-frame records are views
+    of the map itself, and closing the reader leaves views in use valid."""
+    from gpurec.recordio import unpack_view
+    from gpurec.transcode import sniff
+
+    reader = RecordReader(golden / f"{name}.rec")
+    views = []
+    for offset in reader.offsets.tolist():
+        record, _ = reader.read_at(offset)
+        view = reader.view_at(offset)
+        assert bytes(view) == record
+        header, payload = unpack_view(view)
+        want_header, want_payload = unpack(record)
+        assert bytes(payload) == want_payload and header.id == want_header.id
+        np.testing.assert_array_equal(header.label, want_header.label)
+        if name == "passthrough":  # images: sniffed alike from a view and from bytes
+            assert sniff(payload) == sniff(want_payload)
+        views.append((payload, want_payload))
+    assert any(isinstance(p, memoryview) and p.readonly for p, _ in views)
+    reader.close()  # the map stays until the last view goes
+    assert all(bytes(p) == want for p, want in views)

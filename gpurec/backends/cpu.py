@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec, saturation_matrix
-from gpurec.recordio import RecordIOError, unpack
+from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, ImageInfo, sniff
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class CPUBackend:
     # ---------------------------------------------------------------------- records
     def _unpack(self, index: int):
         try:
-            return unpack(self.dataset.read(index))
+            return unpack_view(self.dataset.read_view(index))
         except RecordIOError as exc:
             raise self._error(index, exc.reason) from None
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 from gpurec.backends.cpu import _UNREFERENCED, _refcounts
-from gpurec.recordio import RecordIOError, unpack
+from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, sniff
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ class DALIBackend:
                 failed.append((k, self._error(index, self._bad[index])))
                 continue
             try:
-                header, payload = unpack(dataset.read(index))
+                header, payload = unpack_view(dataset.read_view(index))
             except RecordIOError as exc:
                 failed.append((k, self._error(index, exc.reason)))
                 continue
