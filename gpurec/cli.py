@@ -293,7 +293,13 @@ def info(
         elif shard["other_records"]:
             notes.append(f"{shard['other_records']} header-only records (no image) left out")
         if not shard["indexed"]:
-            notes.append(f"no .idx: index from one scan, cached in {shard['index_file']}")
+            cached = shard["index_file"] or "nowhere (no writable place)"
+            notes.append(f"no .idx: index from one scan, cached in {cached}")
+        if shard.get("unindexed_bytes"):
+            notes.append(
+                f"[yellow]{shard['unindexed_bytes']:,} bytes after the last indexed record[/] "
+                "(an .idx cut short? `gpurec index` rebuilds it)"
+            )
         if shard["cut"]:
             notes.append(f"[red]cut short[/]: {shard['lost_records']} record(s) lost")
         extra = f" ({'; '.join(notes)})" if notes else ""

@@ -35,6 +35,7 @@ import os
 import re
 import struct
 import sys
+import tempfile
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ class Shard:
     index_file: Path | None = None  # the .idx, or the cached scan
     other: int = 0
     lost: int = 0
+    unindexed: int = 0  # bytes after the last indexed record (an .idx cut short?)
     end: RecordIOError | None = None
     first_label_only: bool = False
 
@@ -228,17 +230,19 @@ def _load_cached(path: Path, stat: os.stat_result) -> _Scan | None:
                 None if end < 0 else end,
                 str(z["end_reason"]) or None,
             )
-    except (OSError, ValueError, KeyError):  # missing, unreadable or not ours: rescan
+    except Exception:  # missing, unreadable, torn or not ours (EOFError, BadZipFile...): rescan
         return None
 
 
 def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> Path | None:
     """Write the scan atomically to the first place that takes it; None if none does."""
     for path in candidates:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as f:
                 np.savez(
                     f,
                     version=_CACHE_VERSION,
@@ -252,8 +256,9 @@ def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> 
             os.replace(tmp, path)
             return path
         except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
     return None
 
 
@@ -276,16 +281,23 @@ def _open_indexed(reader: RecordReader, idx: Path, on_error: str) -> Shard:
         reader._check_offsets(offsets)
     lost_mask = past_end.copy()
     end = None
+    records_end = 0  # where the last indexed record ends
     if len(offsets) and not past_end.all():  # only the last record can be cut part-way
         last = int(np.argmax(np.where(past_end, -1, offsets)))
         try:
-            reader.skip_at(int(offsets[last]))
+            records_end = reader.skip_at(int(offsets[last]))
         except RecordIOError as exc:
             lost_mask |= offsets == offsets[last]
             end = exc
+    header_lost = bool((keys[lost_mask] == 0).any())  # an InsightFace header written last
     if lost_mask.any():
         first_lost = int(offsets[lost_mask].min())
-        reason = end.reason if end is not None else "past the end of the file"
+        if end is not None:
+            reason = end.reason
+        elif first_lost < size:
+            reason = "the file ends inside its frame header"
+        else:
+            reason = "past the end of the file"
         intact = int((~lost_mask).sum())
         lost = f"{int(lost_mask.sum())} lost"
         error = _cut_error(rec, size, first_lost, reason, intact, lost)
@@ -295,13 +307,29 @@ def _open_indexed(reader: RecordReader, idx: Path, on_error: str) -> Shard:
         end = error
     lost = int(lost_mask.sum())
     shard = Shard(reader, offsets, keys, "plain", "idx", idx, lost=lost, end=end)
+    if end is None and records_end < size:  # e.g. an .idx cut short: records it misses
+        shard.unindexed = size - records_end
     insightface = _insightface(shard, on_error)
     if insightface is not None:
+        insightface.unindexed = shard.unindexed
         return insightface
     image = ~reader.header_only(offsets)  # e.g. InsightFace identity records, key 0 cut off
+    if header_lost:  # an InsightFace file whose header (written last) was cut off: keep
+        image &= keys >= 1  # reading it as one, image keys in key order, first label
+        keys, offsets = _last_wins(keys[image], offsets[image])
+        return Shard(
+            reader, offsets, keys, "insightface", "idx", idx, other=int((~image).sum()),
+            lost=lost, end=end, first_label_only=True,
+        )  # fmt: skip
     if not image.all():
         shard.keys, shard.offsets, shard.other = keys[image], offsets[image], int((~image).sum())
     return shard
+
+
+def _last_wins(keys: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys sorted, each with the offset of its last `.idx` line (as a dict reads it)."""
+    unique, pos = np.unique(keys[::-1], return_index=True)
+    return unique, offsets[::-1][pos]
 
 
 def _insightface(shard: Shard, on_error: str) -> Shard | None:
@@ -321,9 +349,7 @@ def _insightface(shard: Shard, on_error: str) -> Shard | None:
     if flag < 2 or length != IR_SIZE + 4 * flag:
         return None
     first_end = int(np.frombuffer(head, "<f4", 1, IR_SIZE)[0])
-    # Last line of each key wins: unique keys of the reversed table, then sorted.
-    rev_keys, rev_pos = np.unique(keys[::-1], return_index=True)
-    key_offsets = offsets[::-1][rev_pos]
+    rev_keys, key_offsets = _last_wins(keys, offsets)
     want = np.arange(1, max(first_end, 1), dtype=np.int64)
     where = np.searchsorted(rev_keys, want)
     found = (where < len(rev_keys)) & (rev_keys[np.minimum(where, len(rev_keys) - 1)] == want)
@@ -334,10 +360,12 @@ def _insightface(shard: Shard, on_error: str) -> Shard | None:
             f"{missing} of them are not in the .idx (first: key {int(want[~found][0])})",
             shard.index_file,
         )
-    sample_keys = want[found]
+    sample_keys, sample_offsets = want[found], key_offsets[where[found]]
+    image = ~reader.header_only(sample_offsets)  # never a record without an image
+    sample_keys, sample_offsets = sample_keys[image], sample_offsets[image]
     return Shard(
         reader,
-        key_offsets[where[found]],
+        sample_offsets,
         sample_keys,
         "insightface",
         shard.index,
@@ -351,7 +379,7 @@ def _insightface(shard: Shard, on_error: str) -> Shard | None:
 
 def _open_scanned(reader: RecordReader, on_error: str, cache_dir: Path | None) -> Shard:
     rec = reader.path
-    stat = os.stat(rec)
+    stat = reader.stat  # of the file as mapped: a file still growing is not cached as whole
     candidates = _cache_candidates(rec, cache_dir)
     source, index_file, scan = "cache", None, None
     for path in candidates:
@@ -362,7 +390,11 @@ def _open_scanned(reader: RecordReader, on_error: str, cache_dir: Path | None) -
     if scan is None:
         with _scan_progress(rec, reader.size) as progress:
             scan = _scan(reader, progress)
-        source, index_file = "scan", _store_cached(candidates, stat, scan)
+        unchanged = os.stat(rec)
+        if (unchanged.st_size, unchanged.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            source, index_file = "scan", _store_cached(candidates, stat, scan)
+        else:  # changed while we scanned (a copy still running): use the scan, keep none
+            source = "scan"
     end = None
     if scan.end_offset is not None:
         end = _cut_error(
@@ -424,10 +456,13 @@ class Dataset:
         self.shard_sizes = [len(s) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._starts = self.starts.tolist()
-        self._offsets = [s.offsets.tolist() for s in self.shards]
+        self._offsets = [s.offsets for s in self.shards]
         self.lost = sum(s.lost for s in self.shards)
         if self._starts[-1] == 0:
-            raise ValueError(f"the source holds no records: {', '.join(map(str, recs))}")
+            other = sum(s.other for s in self.shards)
+            self.close()
+            held = f" ({other} header-only records, no image)" if other else ""
+            raise ValueError(f"the source holds no records{held}: {', '.join(map(str, recs))}")
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -450,13 +485,13 @@ class Dataset:
     def offset(self, i: int) -> int:
         """Byte offset of sample ``i``'s record in its shard."""
         shard, pos = self.locate(i)
-        return self._offsets[shard][pos]
+        return int(self._offsets[shard][pos])
 
     def read(self, i: int) -> bytes:
         """The record of sample ``i`` (IRHeader, labels, image bytes)."""
         shard, pos = self.locate(i)
         s = self.shards[shard]
-        record = s.reader.read_at(self._offsets[shard][pos])[0]
+        record = s.reader.read_at(int(self._offsets[shard][pos]))[0]
         if s.first_label_only and record[:4] != b"\0\0\0\0" and len(record) >= IR_SIZE:
             try:  # InsightFace: MXFaceDataset takes the first label of a multi-label image
                 header, payload = unpack(record)
@@ -481,22 +516,12 @@ class Dataset:
         s = self.shards[shard]
         if s.first_label_only:
             return self.read(i)
-        return s.reader.view_at(self._offsets[shard][pos])
+        return s.reader.view_at(int(self._offsets[shard][pos]))
 
     def where(self, i: int) -> str:
         """``shard.rec record K at byte B``: how errors name a record."""
-        shard, pos = self.locate(i)
-        return f"{self.shards[shard].path} {self.name(i)} at byte {self._offsets[shard][pos]}"
-
-    def write_global_idx(self, path: Path) -> Path:
-        """One `.idx` whose offsets count over the concatenation of the shards (DALI's
-        ``readers.mxnet`` takes one index for several files)."""
-        from gpurec.recordio import write_idx
-
-        bases = np.cumsum([0] + [s.reader.size for s in self.shards])
-        offsets = np.concatenate([s.offsets + bases[k] for k, s in enumerate(self.shards)])
-        write_idx(path, np.arange(len(offsets)), offsets)
-        return path
+        shard = self.locate(i)[0]
+        return f"{self.shards[shard].path} {self.name(i)} at byte {self.offset(i)}"
 
     def close(self) -> None:
         for shard in self.shards:

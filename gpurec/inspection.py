@@ -97,6 +97,7 @@ def info(
             "indexed": shard.index == "idx", "layout": shard.layout, "index": shard.index,
             "index_file": None if shard.index_file is None else str(shard.index_file),
             "other_records": shard.other, "lost_records": shard.lost,
+            "unindexed_bytes": shard.unindexed,
             "cut": None if shard.end is None else str(shard.end),
         })  # fmt: skip
     classes = find_classes(recs[0])
@@ -216,6 +217,7 @@ def verify(
     with ThreadPoolExecutor(workers) as pool:
         for rec in resolve_source(source):
             walked, broken = _walk(rec)
+            rec_size = rec.stat().st_size
             complete = broken is None
             idx = idx_path_for(rec)
             offsets: list[int] = walked
@@ -228,8 +230,10 @@ def verify(
                     report.bad.append(BadRecord(str(rec), None, 0, f"{idx.name}: {exc.reason}"))
                 walked_set, indexed = set(walked), set(offsets)
                 for i, offset in enumerate(offsets):
-                    if offset not in walked_set and (complete or offset < walked[-1]):
+                    if offset not in walked_set and (complete or offset < (broken.offset or 0)):
                         reason = f"{idx.name} entry points at no record start"
+                        if offset >= rec_size:
+                            reason = f"past the end of the {rec_size}-byte file: cut short"
                         report.bad.append(BadRecord(str(rec), i, offset, reason))
                 for offset in walked:
                     if offset not in indexed:

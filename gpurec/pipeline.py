@@ -138,7 +138,9 @@ class Pipeline:
 
         remote = dict(cache_dir=cache_dir, cache_limit=cache_limit, storage_options=storage_options)
         self.dataset = Dataset(resolve_source(source, **remote), on_error=on_error)
-        self.skipped = self.dataset.lost  # records lost to files cut short
+        # Records lost to files cut short belong to the dataset, not to a rank: rank 0
+        # counts them, so that the ranks' counts add up.
+        self.skipped = self.dataset.lost if shard_id == 0 else 0
         n = len(self.dataset)
         if n < num_shards:
             raise ValueError(f"{n} records cannot be shared by {num_shards} ranks")

@@ -399,6 +399,8 @@ def _read_frames(
     """
     parts: list[bytes] = []
     pos = offset
+    if offset < 0:  # unpack_from would count it from the end
+        raise RecordIOError("negative offset", path, offset=offset)
     while True:
         if pos + 8 > size:
             if pos >= size:
@@ -464,7 +466,8 @@ class RecordReader:
 
     def _open(self) -> None:
         with open(self.path, "rb") as f:
-            self.size = os.fstat(f.fileno()).st_size
+            self.stat = os.fstat(f.fileno())  # of the file mapped, not of a later one
+            self.size = self.stat.st_size
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
         self._view = memoryview(self._mm)
         self._lock = threading.Lock()

@@ -290,3 +290,87 @@ def test_cli_index_writes_the_intact_part_only_when_asked(face, tmp_path) -> Non
     assert offsets.tolist() == read_idx(face / "train.idx")[1][:5].tolist()
     with RecordReader(rec) as reader:  # an ordinary, complete index now
         assert len(reader) == 5
+
+
+# ------------------------------------------------------------------- review findings
+
+
+def test_verify_reports_a_file_cut_inside_its_first_record(tmp_path) -> None:
+    rec = insightface_file(tmp_path)
+    rec.write_bytes(rec.read_bytes()[:10])
+    res = run_gpurec("verify", rec)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "file cut short at the record at byte 0 (it ends at byte 10)" in res.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04garbage", "half"])
+def test_a_torn_or_empty_cache_is_rebuilt(shuffled, content) -> None:
+    cache = shuffled.with_name("shuffled.rec.gpurec-index.npz")
+    open_shard(shuffled)
+    if content == "half":
+        content = cache.read_bytes()[: cache.stat().st_size // 2]
+    cache.write_bytes(content)
+    shard = open_shard(shuffled)
+    assert shard.index == "scan" and len(shard) == 12 and shard.index_file == cache
+
+
+def test_threads_opening_one_index_less_file_all_cache_it_beside(shuffled, monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("GPUREC_CACHE", str(tmp_path / "central"))
+    with ThreadPoolExecutor(4) as pool:
+        shards = list(pool.map(lambda _: open_shard(shuffled), range(8)))
+    assert {s.index_file for s in shards} == {shuffled.with_name("shuffled.rec.gpurec-index.npz")}
+    assert all(len(s) == 12 for s in shards)
+    assert not (tmp_path / "central").exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_insightface_file_cut_before_its_header_is_still_read_as_one(tmp_path, backend) -> None:
+    rec = insightface_file(tmp_path, multi_label=True, header_first=False)
+    offsets = read_idx(rec.with_suffix(".idx"))[1]
+    rec.write_bytes(rec.read_bytes()[: int(offsets[-1]) + 12])  # into the header (last)
+    pipe = Pipeline(rec, 6, (3, 16, 16), device="cpu", backend=backend, train=False,
+                    on_error="skip")  # fmt: skip
+    (shard,) = pipe.dataset.shards
+    assert (shard.layout, shard.other, pipe.skipped) == ("insightface", 3, 1)
+    (batch,) = list(pipe)
+    assert pipe.label_width == 1 and batch.label.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_header_only_records_inside_the_declared_key_range_are_not_samples(tmp_path) -> None:
+    rec = tmp_path / "f.rec"
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        writer.write(pack_record(IRHeader(2, [8.0, 10.0], 0, 1), b""), key=0)  # keys 1..7
+        jpeg = cv2.imencode(".jpg", np.full((8, 8, 3), 100, np.uint8))[1].tobytes()
+        for key in range(1, 7):
+            writer.write(pack_record(IRHeader(0, float(key), key, 0), jpeg), key=key)
+        for key in (7, 8, 9):  # identities: key 7 falls inside the declared range
+            writer.write(pack_record(IRHeader(2, [1.0, 3.0], key, 0), b""), key=key)
+    (shard,) = Dataset([rec]).shards
+    assert shard.keys.tolist() == [1, 2, 3, 4, 5, 6] and shard.other == 4
+
+
+def test_an_idx_cut_short_is_noted_by_info(face, tmp_path) -> None:
+    (tmp_path / "train.rec").symlink_to(face / "train.rec")
+    lines = (face / "train.idx").read_text().splitlines()
+    (tmp_path / "train.idx").write_text("\n".join(lines[:6]) + "\n")
+    (shard,) = Dataset([tmp_path / "train.rec"]).shards
+    assert len(shard) == 6 and shard.unindexed == (face / "train.rec").stat().st_size - 21332
+    res = run_gpurec("info", tmp_path / "train.rec")
+    assert "21,616 bytes after the last indexed record" in res.stdout, res.stdout
+
+
+def test_negative_offsets_are_errors_not_records(tmp_path) -> None:
+    rec = insightface_file(tmp_path)
+    with pytest.raises(RecordIOError, match="at byte -40: negative offset"):
+        RecordReader(rec, idx_path=None).read_at(-40)
+
+
+def test_a_file_of_header_records_only_says_so(tmp_path) -> None:
+    rec = tmp_path / "h.rec"
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for key in (1, 2):
+            writer.write(pack_record(IRHeader(2, [1.0, 3.0], key, 0), b""), key=key)
+    with pytest.raises(ValueError, match=r"no records \(2 header-only records, no image\)"):
+        Dataset([rec])
