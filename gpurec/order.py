@@ -137,7 +137,7 @@ def plan(
     rest = remaining(n, seed, epoch, shuffle, segments)
     batches = batches_for(len(rest), num_shards, batch_size, last_batch)
     lo, hi = rank_range(len(rest), num_shards, shard_id)
-    mine = rest[lo:hi]
+    mine = rest[lo:hi].copy()  # not a view: the whole permutation need not stay alive
     want = batches * batch_size
     real = [max(0, min(batch_size, len(mine) - b * batch_size)) for b in range(batches)]
     if len(mine) >= want:

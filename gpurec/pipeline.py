@@ -135,6 +135,7 @@ class Pipeline:
         self._next_batch = 0  # the next unseen batch of that epoch
         self._resume = False  # set by load_state_dict: the next iter() continues self.epoch
         self._segments: tuple[Segment, ...] = ()  # earlier layouts of self.epoch (elastic)
+        self._plans: dict[tuple, Plan] = {}  # the last plans made, by (epoch, segments)
 
         remote = dict(cache_dir=cache_dir, cache_limit=cache_limit, storage_options=storage_options)
         self.dataset = Dataset(resolve_source(source, **remote), on_error=on_error)
@@ -206,12 +207,24 @@ class Pipeline:
 
     # -------------------------------------------------------------------- iteration
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the same on every rank)."""
+        """Batches per epoch on this rank (the same on every rank); for an epoch resumed
+        on another number of ranks (elastic), the batches that epoch has in all."""
+        if self._resume and self._segments:
+            return self.plan(self.epoch, self._segments).batches
         return self._batches
 
     def plan(self, epoch: int, segments: tuple[Segment, ...] = ()) -> Plan:
         """What this rank reads in ``epoch`` (after ``segments``, when resumed with
-        another layout): sample indices batch by batch, padding included."""
+        another layout): sample indices batch by batch, padding included. The last two
+        are kept: the DALI backend reads the next epoch's plan ahead, then iter() asks."""
+        key = (epoch, tuple(segments))
+        if key not in self._plans:
+            if len(self._plans) >= 2:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = self._make_plan(epoch, segments)
+        return self._plans[key]
+
+    def _make_plan(self, epoch: int, segments: tuple[Segment, ...]) -> Plan:
         return plan(
             len(self.dataset),
             seed=self.seed,
@@ -229,7 +242,10 @@ class Pipeline:
         return self.plan(epoch).indices
 
     def __iter__(self) -> Iterator[Batch]:
-        """One epoch: the next one, or the rest of the one a checkpoint was taken in."""
+        """One epoch: the next one, or the rest of the one a checkpoint was taken in.
+
+        Nothing is decided until the first batch is asked for: an iterator made and
+        dropped unused (``iter(pipe)``) leaves a loaded checkpoint in force."""
         if self._resume:
             epoch, start, segments = self.epoch, self._next_batch, self._segments
         elif self._next_batch:  # the last epoch was left unfinished: start the next
@@ -237,7 +253,7 @@ class Pipeline:
         else:
             epoch, start, segments = self.epoch, 0, ()
         self._resume = False
-        return self._run(self.plan(epoch, segments), start)
+        yield from self._run(self.plan(epoch, segments), start)
 
     def _run(self, plan: Plan, start: int) -> Iterator[Batch]:
         if start >= plan.batches:  # an elastic resume found nothing left of the epoch
@@ -275,6 +291,10 @@ class Pipeline:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next ``iter()`` yields the next unseen batch.
+
+        A checkpoint taken after leaving an epoch early (``break``) resumes the rest of
+        that epoch, which is what a preempted job wants; the same Pipeline iterated again
+        without a checkpoint starts the next epoch instead.
 
         With the checkpoint's number of ranks and batch size, the rest of the epoch is
         exactly the batches an uninterrupted run reads. With another layout (elastic

@@ -31,6 +31,11 @@ class ImageError(Exception):
     """An image that cannot be packed; the message is the reason given in reports."""
 
 
+class UnknownImage(ImageError):
+    """Bytes whose signature :func:`sniff` does not know: not necessarily not an image
+    (PPM, JPEG 2000...), so loaders let their decoder try them."""
+
+
 @dataclass(frozen=True)
 class EncodeSpec:
     """How images become record payloads; the names and defaults are im2rec's.
@@ -160,7 +165,7 @@ def sniff(data: bytes | memoryview) -> ImageInfo:
         return ImageInfo("bmp")
     if data[:4] in (b"II*\0", b"MM\0*"):
         return ImageInfo("tiff")
-    raise ImageError(f"not an image: unknown file signature {data[:8].hex()}")
+    raise UnknownImage(f"not an image: unknown file signature {bytes(data[:8]).hex()}")
 
 
 _READ_FLAGS = {1: cv2.IMREAD_COLOR, 0: cv2.IMREAD_GRAYSCALE, -1: cv2.IMREAD_UNCHANGED}

@@ -558,3 +558,49 @@ def test_forked_workers_do_not_hang_on_an_inherited_dali_pipeline(golden) -> Non
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60)  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "[0, 1, 2, 3]", res.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_unused_iterator_leaves_a_loaded_checkpoint_in_force(tmp_path, backend) -> None:
+    shards = numbered_shards(tmp_path, counts=(10, 8))
+    full = cpu_pipe(shards, 3, backend=backend, seed=4)
+    it = iter(full)
+    next(it)
+    state = full.state_dict()
+    want = [int(v) for b in it for v in b.label]
+    again = cpu_pipe(shards, 3, backend=backend, seed=4)
+    again.load_state_dict(state)
+    unused = iter(again)  # made and dropped before any batch: nothing changes
+    del unused
+    assert epoch_labels(again) == want
+
+
+def test_len_of_an_elastically_resumed_epoch_is_its_batches(tmp_path) -> None:
+    shards = numbered_shards(tmp_path, counts=(13, 11, 9))  # 33 records
+    old = cpu_pipe(shards, 2, backend="cpu", shard_id=0, num_shards=3, seed=1)
+    it = iter(old)
+    next(it), next(it)
+    state = old.state_dict()
+    new = cpu_pipe(shards, 2, backend="cpu", shard_id=0, num_shards=2, seed=1)
+    new.load_state_dict(state)
+    assert len(new) == len(list(new)) == 5  # 33 - 12 read = 21 left: 10 each, 5 batches
+    assert len(new) == 8  # the next epoch is a normal one of the new layout
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_an_image_format_sniff_does_not_know_is_decoded_on_both_backends(tmp_path, on_error):
+    """PPM has no signature gpurec knows; OpenCV and DALI both decode it: same labels."""
+    rec = tmp_path / "p.rec"
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i in range(4):
+            img = np.full((12, 12, 3), 40 * i, np.uint8)
+            encoding = ".ppm" if i == 2 else ".png"
+            data = cv2.imencode(encoding, img)[1].tobytes()
+            writer.write(pack_record(IRHeader(0, float(i), i, 0), data), key=i)
+    out = {}
+    for backend in BACKENDS:
+        pipe = cpu_pipe(rec, 4, (3, 12, 12), backend=backend, train=False, on_error=on_error)
+        (batch,) = list(pipe)
+        out[backend] = (batch.label.tolist(), pipe.skipped, batch.data.mean(axis=(1, 2, 3)))
+    assert out["cpu"][:2] == out["dali"][:2] == ([0, 1, 2, 3], 0)
+    np.testing.assert_allclose(out["dali"][2], [0, 40, 80, 120], atol=1)

@@ -33,7 +33,7 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec, saturation_matrix
 from gpurec.recordio import RecordIOError, unpack_view
-from gpurec.transcode import ImageError, ImageInfo, sniff
+from gpurec.transcode import ImageError, ImageInfo, UnknownImage, sniff
 
 if TYPE_CHECKING:
     from gpurec.pipeline import Pipeline
@@ -180,8 +180,10 @@ class CPUBackend:
         spec = self.spec
         try:
             info = sniff(payload)
-        except ImageError:
+        except UnknownImage:  # OpenCV decides (PPM, JPEG 2000...), as DALI's decoder does
             return ImageInfo("unknown"), None, 1
+        except ImageError as exc:  # a known format, broken (cut short...): refused, as
+            raise ImageError(f"cannot decode image: {exc}") from None  # on DALI
         if info.format != "jpeg":
             return info, None, 1
         window = crop_window(info.width, info.height, spec, draws)

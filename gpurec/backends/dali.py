@@ -49,7 +49,7 @@ import numpy as np
 from gpurec.augment import AugmentSpec
 from gpurec.backends.cpu import _UNREFERENCED, _refcounts
 from gpurec.recordio import RecordIOError, unpack_view
-from gpurec.transcode import ImageError, sniff
+from gpurec.transcode import ImageError, UnknownImage, sniff
 
 if TYPE_CHECKING:
     from gpurec.order import Plan
@@ -285,7 +285,9 @@ class DALIBackend:
                 continue
             try:
                 labels[k] = self._label(header, index)
-                sniff(payload)
+                sniff(payload)  # an unknown signature goes on: DALI's decoder decides
+            except UnknownImage:
+                pass
             except RecordIOError as exc:
                 failed.append((k, exc))
                 continue
