@@ -604,3 +604,25 @@ def test_an_image_format_sniff_does_not_know_is_decoded_on_both_backends(tmp_pat
         out[backend] = (batch.label.tolist(), pipe.skipped, batch.data.mean(axis=(1, 2, 3)))
     assert out["cpu"][:2] == out["dali"][:2] == ([0, 1, 2, 3], 0)
     np.testing.assert_allclose(out["dali"][2], [0, 40, 80, 120], atol=1)
+
+
+@pytest.mark.parametrize("last_batch", ["pad", "partial"])
+def test_skip_fills_a_batch_with_no_good_record_from_earlier_in_the_epoch(tmp_path, last_batch):
+    """The rank's last record is bad: the last batch (it and its padding) has no good
+    record; both backends take the nearest earlier record of the epoch, and go on."""
+    (rec,) = numbered_shards(tmp_path, counts=(9,))
+    offsets = read_idx(rec.with_suffix(".idx"))[1]
+    raw = bytearray(rec.read_bytes())
+    raw[int(offsets[8]) + 8 + 24 + 1] ^= 0xFF  # the PNG signature of record 8
+    rec.write_bytes(bytes(raw))
+    out = {}
+    for backend in BACKENDS:
+        pipe = cpu_pipe(rec, 4, (3, 16, 16), backend=backend, train=False, on_error="skip",
+                        last_batch=last_batch)  # fmt: skip
+        epochs = [[b.label.astype(int).tolist() for b in pipe] for _ in range(2)]
+        last = list(pipe)[-1]
+        np.testing.assert_allclose(last.data.mean(axis=(1, 2, 3)), last.label * 5, atol=1)
+        out[backend] = (epochs, pipe.skipped)
+    assert out["cpu"] == out["dali"]
+    epochs, _ = out["cpu"]
+    assert epochs[0] == epochs[1] and epochs[0][-1][0] == 7  # record 7 stands in for 8

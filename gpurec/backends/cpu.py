@@ -344,7 +344,8 @@ class CPUBackend:
         ]
         return data, labels, futures
 
-    def _collect(self, data, labels, futures: list[Future]):
+    def _collect(self, data, labels, futures: list[Future], plan=None, b: int = 0,
+                 extra: tuple = ()):  # fmt: skip
         errors: list[tuple[int, Exception]] = []
         try:
             for future in futures:
@@ -363,11 +364,36 @@ class CPUBackend:
         if failed:
             good = sorted(set(range(len(data))) - set(failed))
             if not good:
-                raise RecordIOError(f"no record of a batch decodes (first: {errors[0][1]})")
+                self._stand_in(data, labels, failed, plan, b, extra, errors[0][1])
             for k, i in enumerate(failed):
-                data[i], labels[i] = data[good[k % len(good)]], labels[good[k % len(good)]]
+                if good:
+                    data[i], labels[i] = data[good[k % len(good)]], labels[good[k % len(good)]]
+                else:
+                    data[i], labels[i] = data[failed[0]], labels[failed[0]]
             self.pipe.skipped += len(failed)
         return data, labels
+
+    def _stand_in(self, data, labels, failed: list[int], plan, b: int, extra: tuple,
+                  first: Exception) -> None:  # fmt: skip
+        """A batch with no good record (a bad last record and its padding): its first
+        position gets the nearest record before the batch in the rank's plan (going back,
+        then on from the plan's end) that decodes; the DALI backend picks by this rule."""
+        if plan is not None:
+            params = self._draws(plan.epoch, b, 1, extra)[0]
+            scratch = self._scratch()
+            n, start = len(plan.indices), b * plan.batch_size
+            tried = {int(i) for i in plan.batch(b)}
+            for step in range(1, n + 1):
+                index = int(plan.indices[(start - step) % n])
+                if index in tried:
+                    continue
+                tried.add(index)
+                try:
+                    self._sample(index, params, data, labels, failed[0], scratch)
+                    return
+                except RecordIOError:
+                    continue
+        raise RecordIOError(f"no record of the epoch decodes (first: {first})")
 
     def run_epoch(self, plan, start: int):
         """Yield (data, labels, real count) for batches ``start..`` of ``plan`` (a
@@ -390,7 +416,7 @@ class CPUBackend:
             while pending:
                 b, data, labels, futures = pending.popleft()
                 submit_next()
-                data, labels = self._collect(data, labels, futures)
+                data, labels = self._collect(data, labels, futures, plan, b, extra)
                 if self.label_width == 1:
                     labels = labels[:, 0]
                 self._handed.append(data)

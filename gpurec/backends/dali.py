@@ -298,20 +298,50 @@ class DALIBackend:
         out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b])
         if not failed:
             return out
-        # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic).
+        # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic);
+        # a batch with none gets the nearest earlier good record of the rank's plan.
         good = [k for k in range(n) if payloads[k] is not None]
+        stand_in = None
+        if not good and pipe.on_error == "skip":
+            stand_in = self._stand_in(plan, b, set(indices))
         for j, (k, _) in enumerate(failed):
             if good:
                 src = good[j % len(good)]
                 payloads[k], labels[k], indices[k] = payloads[src], labels[src], indices[src]
+            elif stand_in is not None:
+                indices[k], payloads[k], labels[k] = stand_in
             else:
                 payloads[k] = self._filler
         if pipe.on_error == "raise":
             out.error = failed[0][1]
-        elif not good:
-            out.error = RecordIOError(f"no record of a batch decodes (first: {failed[0][1]})")
+        elif not good and stand_in is None:
+            out.error = RecordIOError(f"no record of the epoch decodes (first: {failed[0][1]})")
         out.skipped = len(failed)
         return out
+
+    def _stand_in(self, plan: Plan, b: int, tried: set[int]):
+        """For a batch with no good record (a bad last record and its padding): the
+        nearest record before it in the rank's plan (going back, then on from the plan's
+        end) that reads and is not known bad, as (index, payload, label); the CPU backend
+        picks by the same rule. If DALI then fails on it, it is known bad and the next
+        is taken."""
+        n = len(plan.indices)
+        start = b * plan.batch_size
+        for step in range(1, n + 1):
+            index = int(plan.indices[(start - step) % n])
+            if index in tried or index in self._bad:
+                continue
+            tried.add(index)
+            try:
+                header, payload = unpack_view(self.dataset.read_view(index))
+                label = self._label(header, index)
+                sniff(payload)
+            except UnknownImage:
+                pass
+            except (RecordIOError, ImageError):
+                continue
+            return index, np.frombuffer(payload, np.uint8), label
+        return None
 
     def _stream_from(self, plan: Plan, start: int):
         """(plan, batch) from ``start`` on, on into the following epochs."""
