@@ -99,14 +99,16 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **re
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise ValueError("source is empty: give a .rec path, a prefix, a glob or a list")
+    urls = [i for i in items if isinstance(i, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", i)]
+    fetched: dict[str, list[Path]] = {}
+    if urls:  # all of them fetched first, then one eviction that keeps every one
+        from gpurec.storage import ShardCache
+
+        cache = ShardCache(**remote)
+        fetched = dict(zip(urls, cache.fetch_all(urls), strict=True))
     out: list[Path] = []
     for item in items:
-        if isinstance(item, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", item):
-            from gpurec.storage import fetch_shards
-
-            out += fetch_shards(item, **remote)
-            continue
-        out += _resolve_one(item)
+        out += fetched[item] if item in fetched else _resolve_one(item)
     return out
 
 

@@ -4,13 +4,15 @@ The driver (the machine running ``gpurec pack``) lists the tree and plans the sh
 exactly as a local pack does; each shard is then one Ray task, which packs it with
 :func:`gpurec.pack.write_shards` on one core and leaves its files under a temporary
 name (in ``<output folder>/.gpurec-ray-<run>/<attempt>/``, on the shared filesystem or
-in the bucket). Tasks that fail (a lost node, an error) are retried by Ray
+in the bucket; on a filesystem the driver holds a lock on that folder while it runs,
+and a later pack into the same folder removes those of dead drivers, as
+:class:`gpurec.pack.WorkDir` says). Tasks that fail (a lost node, an error) are retried by Ray
 (``max_retries``); every attempt writes under its own name, so a half-finished attempt
 never meets a finished one. The driver moves each finished shard to its final names
 itself, once (stale `.idx` first out, `.rec`, then `.idx`, then `.lst`), shows one
-progress bar fed by all tasks, writes the manifest files last, and removes the
-temporary folder. The bytes are those of a local pack: a shard's records depend only
-on the listing and the options, never on where or how often it ran.
+progress bar fed by all tasks (a retried task counted once), writes the manifest files
+last, and removes the temporary folder. The bytes are those of a local pack: a shard's
+records depend only on the listing and the options, never on where or how often it ran.
 
 The cluster is the one at ``RAY_ADDRESS`` (``ray.init()``'s rule); a local Ray is
 started when it is unset. Inputs must be reachable from every node: a shared
@@ -41,16 +43,24 @@ def _ray():
 def _counter_class(ray):
     @ray.remote(num_cpus=0)
     class Counter:
-        """Images done by all tasks since the driver last asked."""
+        """Images done by all tasks since the driver last asked, counted per task: a
+        retried task's attempts each count from zero, and only the furthest one counts."""
 
         def __init__(self) -> None:
-            self.n = 0
+            self.attempts: dict[tuple[str, str], int] = {}
+            self.best: dict[str, int] = {}
+            self.total = 0
+            self.told = 0
 
-        def add(self, k: int) -> None:
-            self.n += k
+        def add(self, task: str, attempt: str, k: int) -> None:
+            n = self.attempts[task, attempt] = self.attempts.get((task, attempt), 0) + k
+            best = self.best.get(task, 0)
+            if n > best:
+                self.best[task] = n
+                self.total += n - best
 
         def take(self) -> int:
-            n, self.n = self.n, 0
+            n, self.told = self.total - self.told, self.total
             return n
 
     return Counter
@@ -65,7 +75,8 @@ def _pack_one(
     from gpurec.storage import filesystem, is_url, staging_dir
 
     options = PackOptions.from_dict(opts)
-    attempt = f"{temp}/{uuid.uuid4().hex}"
+    tag = uuid.uuid4().hex
+    attempt = f"{temp}/{tag}"
     remote = is_url(temp)
     folder = staging_dir() if remote else Path(attempt)
     try:
@@ -79,7 +90,7 @@ def _pack_one(
             pack_label=options.pack_label,
             rule=RootRule(options.follow_links, options.allow_outside_root),
             workers=1,
-            progress=lambda n: counter.add.remote(n),
+            progress=lambda n: counter.add.remote(name, tag, n),
         )
         files = [job.rec.name, job.idx.name, job.lst.name]
         if remote:
@@ -136,7 +147,14 @@ def ray_write_shards(source, jobs, opts, *, outputs, progress=None, max_retries:
         final_dir = os.path.abspath(outputs.prefix.parent)
     if isinstance(source, (str, Path)):
         source = Path(os.path.abspath(source))
-    temp = f"{final_dir}/.gpurec-ray-{uuid.uuid4().hex[:12]}"
+    workdir = None
+    if outputs.url is not None:
+        temp = f"{final_dir}/.gpurec-ray-{uuid.uuid4().hex[:12]}"
+    else:  # held by a lock while this driver lives; those of dead drivers are removed
+        from gpurec.pack import WorkDir
+
+        workdir = WorkDir(Path(final_dir), ".gpurec-ray-")
+        temp = str(workdir.path)
     options = {k: v for k, v in asdict(opts).items() if k != "executor"}
     storage_options = opts.storage_options
     task = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_pack_one)
@@ -165,7 +183,10 @@ def ray_write_shards(source, jobs, opts, *, outputs, progress=None, max_retries:
             ray.cancel(ref, force=True)
         raise
     finally:
-        _remove(temp, storage_options)
+        if workdir is not None:
+            workdir.close()
+        else:
+            _remove(temp, storage_options)
     if progress is not None:
         n = ray.get(counter.take.remote())
         if n:

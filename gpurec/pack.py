@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import stat
+import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -411,20 +415,98 @@ class _ShardWriter(RecordWriter):
         super().abort()
 
 
-def _scratch_dir(folder: Path) -> Path:
-    """A folder for workers' chunk files beside the outputs (so the copy into the shard
-    stays in one filesystem); those of packs that died (SIGKILL) are removed first."""
-    for old in folder.glob(".gpurec-work-*"):
+STALE_AFTER = 24 * 3600  # seconds: when a work folder's lock cannot be trusted (see WorkDir)
+_HEARTBEAT = 600.0
+
+
+class WorkDir:
+    """A private temporary folder in ``folder`` (``<prefix>XXXXXXXX``, unique), held by an
+    exclusive ``flock`` on its ``.lock`` file for as long as this object is open, and
+    removed by :meth:`close`.
+
+    Opening one first removes the stale folders of the same prefix: those whose lock can
+    be taken (no live holder) and which were made on this host (the lock file names the
+    host; ``flock`` between processes of one kernel is always reliable) or whose lock
+    file has not been touched for :data:`STALE_AFTER` seconds (another host's folder:
+    on a shared filesystem whose locks do not reach across hosts a free lock proves
+    nothing, so age decides; a live holder touches its lock file every 10 minutes). A
+    folder without a lock file (being made just now) goes only when that old too.
+    """
+
+    def __init__(self, folder: Path, prefix: str) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sweep_work_dirs(folder, prefix)
+        self.path = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+        self._lock = self.path / ".lock"
+        self._fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.write(self._fd, f"{socket.gethostname()}\n{os.getpid()}\n".encode())
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="gpurec-workdir", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(_HEARTBEAT):
+            with contextlib.suppress(OSError):
+                os.utime(self._lock)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._stop.set()
         try:
-            pid = int(old.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
-    path = folder / f".gpurec-work-{os.getpid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            os.close(self._fd)  # releases the lock, after the folder is gone
+            self._fd = -1
+
+    def __enter__(self) -> WorkDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _stale(path: Path, now: float) -> bool:
+    """Whether the work folder ``path`` may be removed; removes it (under its lock) if so."""
+    lock = path / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:  # being made now, or a crash between mkdtemp and the lock
+        try:
+            old = now - path.stat().st_mtime > STALE_AFTER
+        except OSError:
+            return False
+        if old:
+            shutil.rmtree(path, ignore_errors=True)
+        return old
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held: a live pack
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                host = f.read(4096).split(b"\n", 1)[0].decode(errors="replace")
+            mine = host == socket.gethostname()
+            old = now - os.fstat(fd).st_mtime > STALE_AFTER
+        except OSError:
+            return False
+        if not (mine or old):
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def sweep_work_dirs(folder: Path, prefix: str) -> list[Path]:
+    """Remove the stale work folders ``folder/<prefix>*`` (see :class:`WorkDir`)."""
+    now = time.time()
+    return [old for old in Path(folder).glob(prefix + "*") if old.is_dir() and _stale(old, now)]
 
 
 def _pool_context():
@@ -555,9 +637,12 @@ def write_shards(
     folders = {job.prefix.parent for job in jobs}
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    scratch = None
+    workdir = None
     if workers > 1 and executor == "processes" and jobs:
-        scratch = _scratch_dir(jobs[0].prefix.parent)
+        # a private folder for the workers' chunk files, beside the outputs (so the copy
+        # into the shard stays in one filesystem); those of dead packs are removed
+        workdir = WorkDir(jobs[0].prefix.parent, ".gpurec-work-")
+    scratch = None if workdir is None else workdir.path
     copier = None
     if scratch is not None:
         copier = ThreadPoolExecutor(min(4, workers), thread_name_prefix="gpurec-copy")
@@ -575,8 +660,8 @@ def write_shards(
     finally:
         if copier is not None:
             copier.shutdown(wait=True, cancel_futures=True)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if workdir is not None:
+            workdir.close()
     summary.coordinator_cpu = time.process_time() - start_cpu
     return summary
 
@@ -637,14 +722,27 @@ def write_report(path: Path, skipped: Sequence[tuple[str, str]]) -> Path | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary name; on any failure nothing is left behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write through a temporary name of its own (concurrent writers of one file, the
+    parts of a job array, never share one) and rename; on any failure nothing is left."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        tmp.write_text(text, encoding="utf-8", errors="backslashreplace", newline="\n")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file is as any other
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # read once, at import: setting it is not thread-safe
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -720,6 +818,9 @@ def plan_jobs(
     return listing, jobs
 
 
+_MAX_UPLOADS = 2
+
+
 class _Outputs:
     """Where a pack's files go: beside ``prefix`` on local disk, or, for a URL prefix,
     to a local staging folder first and from there to the store, shard by shard
@@ -739,7 +840,8 @@ class _Outputs:
             if not name:
                 raise ValueError(f"output prefix {text!r} names no file prefix")
             self.prefix = self.stage / name
-            self.publisher = Publisher(self.url, storage_options)
+            # at most 2 shards waiting or uploading (and 1 being written) staged locally
+            self.publisher = Publisher(self.url, storage_options, max_pending=_MAX_UPLOADS)
 
     def final(self, local: Path) -> str | Path:
         """The final name (URL or path) of a staged or local file."""

@@ -22,7 +22,8 @@ key=value``), passed to the filesystem as keyword arguments.
   not, downloaded under a temporary name and renamed when complete, and shared by the
   processes of a node through a lock file per shard (a shard is downloaded once however
   many ranks ask). ``cache_limit`` bytes bounds the cache: least recently used shards
-  that no process is fetching are evicted (readers that already opened an evicted shard
+  that no process is fetching or using (a process uses the shards it fetched until it
+  exits, or :func:`release_shards`) are evicted (readers that already opened an evicted shard
   keep reading it: the file is memory-mapped, and removing it frees it only when they close).
 """
 
@@ -54,6 +55,7 @@ __all__ = [
     "filesystem",
     "is_url",
     "parse_storage_options",
+    "release_shards",
 ]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -102,11 +104,13 @@ def parse_storage_options(items: Iterable[str] | None) -> dict[str, Any]:
     JSON (numbers, ``true``/``false``, ``{"endpoint_url": ...}``), else strings; a dotted
     key sets a nested value (``client_kwargs.endpoint_url=http://...``)."""
     out: dict[str, Any] = {}
-    for item in items or ():
+    for n, item in enumerate(items or (), 1):
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--storage-option wants key=value, got {item!r}")
+        if not sep:  # the item is not echoed: it may be a secret given without its key
+            raise ValueError(f"--storage-option #{n} wants key=value: it has no '='")
+        if not key:
+            raise ValueError(f"--storage-option #{n} wants key=value: no key before its '='")
         try:
             value = json.loads(text)
         except ValueError:
@@ -116,7 +120,7 @@ def parse_storage_options(items: Iterable[str] | None) -> dict[str, Any]:
         for part in parents:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ValueError(f"--storage-option {item!r}: {part} is not a mapping")
+                raise ValueError(f"--storage-option #{n} ({key}=...): {part} is not a mapping")
         target[last] = value
     return out
 
@@ -263,18 +267,28 @@ class Publisher:
     order and the local file removed. Object stores make an object visible only when its
     upload completes; elsewhere the file goes to ``URL.tmp`` and is moved into place.
     ``delete_first`` URLs are removed before a group's first upload (a stale `.idx` must
-    never sit beside a new `.rec`). :meth:`close` waits for everything and raises the
-    first error.
+    never sit beside a new `.rec`). After a group fails nothing more is uploaded;
+    :meth:`publish` and :meth:`close` raise its error (:meth:`close` after waiting for
+    the rest). ``max_pending`` bounds the groups queued or uploading: :meth:`publish`
+    waits for room, so a pack faster than its uploads does not fill the local disk.
     """
 
-    def __init__(self, url_prefix: str, storage_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        url_prefix: str,
+        storage_options: dict | None = None,
+        *,
+        max_pending: int | None = None,
+    ) -> None:
         self.fs, self.base = filesystem(url_prefix, storage_options)
         self.protocol = _protocol(self.fs)
         parent = self.base.rsplit("/", 1)[0] if "/" in self.base else ""
         if parent and self.protocol not in _WHOLE_OBJECT_STORES:
             self.fs.makedirs(parent, exist_ok=True)
+        self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpurec-upload")
         self._pending: list[Future] = []
+        self._failed: Future | None = None
 
     def path(self, url: str) -> str:
         return filesystem(url)[1] if is_url(url) else url
@@ -289,6 +303,8 @@ class Publisher:
         local.unlink(missing_ok=True)
 
     def _group(self, pairs: Sequence[tuple[Path, str]], delete_first: Sequence[str]) -> None:
+        if self._failed is not None:
+            return  # an earlier group failed: upload nothing after it (close raises that error)
         if delete_first:
             self.fs.invalidate_cache()
         for path in delete_first:
@@ -298,12 +314,40 @@ class Publisher:
         for local, path in pairs:
             self._put(local, path)
 
+    @staticmethod
+    def _bad(future: Future) -> bool:
+        return future.done() and not future.cancelled() and future.exception() is not None
+
+    def _check(self) -> None:
+        """Raise the error of the first group that failed, if one has."""
+        for future in self._pending:
+            if self._bad(future):
+                future.result()
+
     def publish(
         self, pairs: Sequence[tuple[Path, str]], delete_first: Sequence[str] = ()
     ) -> Future:
+        """Queue a group; with ``max_pending``, first wait until fewer than that many
+        groups are queued or uploading (files staged locally stay bounded). Raises the
+        error of an earlier group that failed (nothing more is uploaded after one)."""
+        self._check()
+        if self.max_pending is not None:
+            while True:
+                waiting = [f for f in self._pending if not f.done()]
+                if len(waiting) < self.max_pending:
+                    break
+                with contextlib.suppress(BaseException):
+                    waiting[0].result()  # the oldest: the one now uploading
+            self._check()
+        self._pending = [f for f in self._pending if not f.done() or self._bad(f)]
         future = self._pool.submit(self._group, list(pairs), list(delete_first))
+        future.add_done_callback(self._note)
         self._pending.append(future)
         return future
+
+    def _note(self, future: Future) -> None:  # in the upload thread, before its next group
+        if self._failed is None and self._bad(future):
+            self._failed = future
 
     def remove(self, path: str) -> None:
         """Delete ``path`` if it exists (a stale skip report), after what is queued."""
@@ -373,7 +417,8 @@ class ShardCache:
 
     Layout: ``<root>/<hash of the remote folder>/<file name>`` (a shard keeps its name,
     its `.idx` and the dataset's ``classes.json`` beside it), with ``<name>.meta.json``
-    (URL, size, ETag, when fetched) and ``<name>.lock`` per shard. ``fetched`` and
+    (URL, size, ETag, when fetched), ``<name>.lock`` (held while fetching or evicting)
+    and ``<name>.use`` (shared-locked by the processes using the shard) per shard. ``fetched`` and
     ``reused`` count files by what this object did.
     """
 
@@ -509,6 +554,11 @@ class ShardCache:
         fs = filesystem(files[0].url, self.storage_options)[0]
         rec = self.local(files[0])
         with _locked(rec.with_name(rec.name + ".lock")):
+            named = {self.local(remote) for remote in files}
+            idx = rec.with_suffix(".idx")
+            if idx not in named:  # the store has no .idx (now): never trust an old one
+                self._meta_path(idx).unlink(missing_ok=True)
+                idx.unlink(missing_ok=True)
             for remote in files:  # the .rec first: the .idx is only trusted beside it
                 local = self.local(remote)
                 if self._valid(local, remote):
@@ -521,12 +571,32 @@ class ShardCache:
                         self.fetched.append(remote.url)
                 with contextlib.suppress(OSError):  # last use, for least-recently-used eviction
                     os.utime(self._meta_path(local))
+            _hold(rec)  # before the shard lock goes: no eviction between fetch and use
         return rec
 
-    def fetch(self, url: str, on_ready: Callable[[int, Path], None] | None = None) -> list[Path]:
+    def fetch(
+        self,
+        url: str,
+        on_ready: Callable[[int, Path], None] | None = None,
+        *,
+        evict: bool = True,
+    ) -> list[Path]:
         """The local `.rec` paths of every shard ``url`` names, fetching what is missing
         or stale, ``parallel`` shards at a time in shard order; ``on_ready(i, path)`` is
-        called as each shard becomes local. Then evicts down to ``cache_limit``."""
+        called as each shard becomes local. Then, if ``evict``, evicts down to
+        ``cache_limit`` (see :meth:`fetch_all` for several URLs)."""
+        out = self._fetch(url, on_ready)
+        if evict:
+            self.evict(out)
+        return out
+
+    def fetch_all(self, urls: Sequence[str]) -> list[list[Path]]:
+        """:meth:`fetch` of each URL, then one eviction that keeps all of them."""
+        out = [self._fetch(url) for url in urls]
+        self.evict([rec for recs in out for rec in recs])
+        return out
+
+    def _fetch(self, url: str, on_ready: Callable[[int, Path], None] | None = None) -> list[Path]:
         shards = self.resolve(url)
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="gpurec-fetch") as pool:
             futures = [pool.submit(self.fetch_shard, files) for files in shards]
@@ -535,8 +605,6 @@ class ShardCache:
                 out.append(future.result())
                 if on_ready is not None:
                     on_ready(i, out[-1])
-        keep = {self.local(r) for files in shards for r in files}
-        self.evict(keep)
         return out
 
     # ------------------------------------------------------------------ eviction
@@ -555,7 +623,9 @@ class ShardCache:
 
     def evict(self, keep: Iterable[Path] = ()) -> list[Path]:
         """Remove least recently used shards until the cache holds at most
-        ``cache_limit`` bytes; shards in ``keep`` and shards being fetched stay."""
+        ``cache_limit`` bytes; shards in ``keep`` (local `.rec` paths), shards being
+        fetched and shards in use (fetched by a live process, :func:`release_shards`)
+        stay."""
         if self.cache_limit is None:
             return []
         keep = set(keep)
@@ -567,8 +637,11 @@ class ShardCache:
                 break
             if rec in keep:
                 continue
-            with _locked(rec.with_name(rec.name + ".lock"), blocking=False) as mine:
-                if not mine:
+            with (
+                _locked(rec.with_name(rec.name + ".lock"), blocking=False) as mine,
+                _locked(_use_path(rec), blocking=False) as unused,
+            ):
+                if not (mine and unused):
                     continue
                 for path in (rec.with_suffix(".idx"), rec):
                     self._meta_path(path).unlink(missing_ok=True)
@@ -582,12 +655,55 @@ class ShardCache:
 
 
 def fetch_shards(
-    url: str,
+    url: str | Sequence[str],
     *,
     cache_dir: str | os.PathLike | None = None,
     cache_limit: int | None = None,
     storage_options: dict | None = None,
 ) -> list[Path]:
-    """The local `.rec` paths of the shards at ``url``, fetched into the cache as needed
-    (see :class:`ShardCache`). This is what ``gpurec.Pipeline("s3://...")`` calls."""
-    return ShardCache(cache_dir, cache_limit, storage_options).fetch(url)
+    """The local `.rec` paths of the shards at ``url`` (or at each of several URLs, in
+    order), fetched into the cache as needed (see :class:`ShardCache`); the cache is
+    trimmed to ``cache_limit`` once all are local, never evicting any of them. This is
+    what ``gpurec.Pipeline("s3://...")`` calls."""
+    urls = [url] if isinstance(url, str) else list(url)
+    cache = ShardCache(cache_dir, cache_limit, storage_options)
+    return [rec for recs in cache.fetch_all(urls) for rec in recs]
+
+
+# Shards this process has fetched: a shared flock on each one's ``.use`` file, held until
+# the process exits (or release_shards), so that no process evicts a shard between its
+# fetch and its use; readers that memory-mapped a shard would survive its removal, but
+# those that open it by path later (another backend, a worker) would not.
+_IN_USE: dict[Path, int] = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+def _use_path(rec: Path) -> Path:
+    return rec.with_name(rec.name + ".use")
+
+
+def _hold(rec: Path) -> None:
+    """Mark ``rec`` in use by this process (called under the shard's fetch lock, which
+    every eviction takes first, so this never waits on an evictor)."""
+    with _IN_USE_LOCK:
+        if rec in _IN_USE:
+            return
+        fd = os.open(_use_path(rec), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        _IN_USE[rec] = fd
+
+
+def release_shards(paths: Iterable[str | os.PathLike] | None = None) -> None:
+    """Let other processes evict the cached shards this process fetched (``paths``:
+    local `.rec` paths; all when None). For long-lived processes done with a dataset;
+    a process that exits releases its shards anyway."""
+    with _IN_USE_LOCK:
+        chosen = list(_IN_USE) if paths is None else [Path(p) for p in paths]
+        for rec in chosen:
+            fd = _IN_USE.pop(rec, None)
+            if fd is not None:
+                os.close(fd)

@@ -107,3 +107,108 @@ def test_a_killed_coordinator_leaves_chunks_that_the_next_run_removes(tmp_path: 
     res = run_gpurec(*args)
     assert res.returncode == 0, res.stderr
     assert not list(out.glob(".gpurec-work-*")) and not list(out.glob("*.tmp"))
+
+
+def test_two_packs_into_one_folder_at_once_write_the_bytes_of_one_pack(tmp_path: Path) -> None:
+    """Two coordinators (two hosts of a job array on a shared filesystem, or two pods with
+    the same pid) each get a work folder of their own: neither removes nor overwrites
+    the other's chunk files."""
+    root = _big_tree(tmp_path / "img", 160)
+    out = tmp_path / "out"
+    pack(root, tmp_path / "one" / "ds", resize=200, shards=2, workers=1)
+    args = ["--resize", "200", "--shards", "2", "--workers", "2", "--executor", "processes"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gpurec", "pack", str(root), str(out / name), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    want = _files(tmp_path / "one")
+    got = _files(out)
+    for name in ("a", "b"):
+        for suffix in ("-00000-of-00002.rec", "-00001-of-00002.rec", "-00000-of-00002.idx"):
+            assert got[name + suffix] == want["ds" + suffix], name + suffix
+    assert not list(out.glob(".gpurec-work-*"))
+
+
+def _work_folder(folder: Path, name: str, host: str | None, age: float = 0.0) -> Path:
+    path = folder / name
+    path.mkdir(parents=True)
+    (path / "0.chunk").write_bytes(b"x" * 100)
+    if host is not None:
+        (path / ".lock").write_text(f"{host}\n12345\n")
+        if age:
+            then = time.time() - age
+            os.utime(path / ".lock", (then, then))
+    elif age:
+        then = time.time() - age
+        os.utime(path, (then, then))
+    return path
+
+
+def test_only_stale_work_folders_are_removed(tmp_path: Path) -> None:
+    import fcntl
+    import socket
+
+    from gpurec.pack import STALE_AFTER, WorkDir, sweep_work_dirs
+
+    out = tmp_path / "out"
+    me = socket.gethostname()
+    day = STALE_AFTER + 60
+    dead = _work_folder(out, ".gpurec-work-dead", me)  # this host, lock free: a dead pack
+    live = _work_folder(out, ".gpurec-work-live", me)
+    fd = os.open(live / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live pack holds its lock
+    other = _work_folder(out, ".gpurec-work-other", "another-host")  # flock may not reach it
+    other_old = _work_folder(out, ".gpurec-work-otherold", "another-host", age=day)
+    new = _work_folder(out, ".gpurec-work-new", None)  # mkdtemp done, lock not yet made
+    new_old = _work_folder(out, ".gpurec-work-newold", None, age=day)
+    try:
+        root = color_tree(tmp_path / "img", per_class=4)
+        pack(root, out / "ds", resize=30, workers=2, executor="processes")  # sweeps first
+        assert not dead.exists() and not other_old.exists() and not new_old.exists()
+        assert live.exists() and other.exists() and new.exists()
+        assert sweep_work_dirs(out, ".gpurec-work-") == []
+        with WorkDir(out, ".gpurec-work-") as mine:  # a live WorkDir is never swept
+            assert (mine.path / ".lock").read_text().split("\n")[0] == me
+            assert sweep_work_dirs(out, ".gpurec-work-") == [] and mine.path.exists()
+        assert not mine.path.exists()
+    finally:
+        os.close(fd)
+    assert sweep_work_dirs(out, ".gpurec-work-") == [live]
+
+
+def test_concurrent_writers_of_one_manifest_never_collide(tmp_path: Path) -> None:
+    """The parts of a job array all write `classes.json`: each through a name of its own."""
+    code = (
+        "import sys; from pathlib import Path; from gpurec.pack import _write_json\n"
+        "for i in range(300):\n"
+        "    _write_json(Path(sys.argv[1]), {'classes': [f'c{k}' for k in range(2000)]})\n"
+    )
+    target = tmp_path / "ds.classes.json"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(target)], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    import json
+
+    assert len(json.loads(target.read_text())["classes"]) == 2000
+    assert [p.name for p in tmp_path.iterdir()] == ["ds.classes.json"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    from gpurec.pack import _UMASK
+
+    return _UMASK

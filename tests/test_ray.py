@@ -54,3 +54,29 @@ def test_ray_pack_from_and_to_a_bucket(local_ray, tmp_path: Path, endpoint, s3) 
          storage_options=options, **common)  # fmt: skip
     got = keys(s3, "out/")
     assert {k.removeprefix("out/"): v for k, v in got.items()} == _files(tmp_path / "local")
+
+
+def test_ray_pack_removes_the_temporary_folders_of_dead_drivers(local_ray, tmp_path: Path) -> None:
+    import socket
+
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=3)
+    out = tmp_path / "out"
+    dead = out / ".gpurec-ray-0123456789ab"  # a driver killed mid-pack, lock not held
+    (dead / "attempt").mkdir(parents=True)
+    (dead / ".lock").write_text(f"{socket.gethostname()}\n1\n")
+    pack(root, out / "ds", executor="ray", resize=30)
+    assert not dead.exists() and not list(out.glob(".gpurec-ray-*"))
+
+
+def test_ray_progress_counts_a_retried_task_once(local_ray) -> None:
+    from gpurec.executors import _counter_class
+
+    counter = _counter_class(ray).remote()
+    ray.get([counter.add.remote("shard0", "first", 5), counter.add.remote("shard1", "x", 2)])
+    assert ray.get(counter.take.remote()) == 7
+    ray.get([counter.add.remote("shard0", "retry", 3)])  # the retry redoes the first 5
+    assert ray.get(counter.take.remote()) == 0
+    ray.get([counter.add.remote("shard0", "retry", 4)])
+    assert ray.get(counter.take.remote()) == 2

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -211,7 +212,7 @@ def test_an_interrupted_fetch_leaves_no_shard_under_its_final_name(s3, tmp_path:
 def test_ranks_share_the_cache_and_lru_eviction_keeps_it_under_the_limit(
     s3, tmp_path: Path
 ) -> None:
-    from gpurec.storage import ShardCache
+    from gpurec.storage import ShardCache, release_shards
 
     _packed(tmp_path, s3, shards=3)
     cache_dir = tmp_path / "cache"
@@ -223,7 +224,12 @@ def test_ranks_share_the_cache_and_lru_eviction_keeps_it_under_the_limit(
         t.join()
     fetched = [url for c in caches for url in c.fetched]
     assert sorted(fetched) == sorted(set(fetched)) and len(fetched) == 7  # each file once
-    # a second dataset with a limit that holds only it: the first one's shards go
+    # a second dataset with a limit that holds only it: the first one's shards go once
+    # the ranks that use them are done (here: this process lets them go)
+    limited = ShardCache(cache_dir, cache_limit=1)
+    limited.evict()
+    assert len(limited.entries()) == 3  # in use: never evicted
+    release_shards()
     s3.put_object(Bucket=BUCKET, Key="other/x.rec", Body=os.urandom(5000))
     s3.put_object(Bucket=BUCKET, Key="other/x.idx", Body=b"0\t0\n")
     limited = ShardCache(cache_dir, cache_limit=6000)
@@ -231,3 +237,152 @@ def test_ranks_share_the_cache_and_lru_eviction_keeps_it_under_the_limit(
     assert x.is_file()
     assert [rec.name for _, _, rec in limited.entries()] == ["x.rec"]
     assert sum(size for size, _ in [(s, r) for _, s, r in limited.entries()]) <= 6000
+
+
+# ------------------------------------------- the cache and writers, on fsspec's memory://
+
+
+@pytest.fixture
+def memory_bucket(tmp_path: Path):
+    """A folder of fsspec's (process-wide) memory filesystem, removed afterwards; the
+    shards this test fetched are released for eviction."""
+    import fsspec
+
+    from gpurec.storage import release_shards
+
+    fs = fsspec.filesystem("memory")
+    base = f"/{tmp_path.name}"
+    yield fs, base
+    release_shards()
+    if fs.exists(base):
+        fs.rm(base, recursive=True)
+
+
+def test_several_urls_are_all_fetched_before_the_cache_is_trimmed(
+    memory_bucket, tmp_path: Path
+) -> None:
+    from helpers import numbered_shards
+
+    from gpurec.dataset import resolve_source
+
+    fs, base = memory_bucket
+    for name in ("a", "b"):
+        for p in numbered_shards(tmp_path / name, counts=(7, 5)):
+            for f in (p, p.with_suffix(".idx")):
+                fs.put_file(str(f), f"{base}/{name}/{f.name}")
+    urls = [f"memory://{base}/a/n", f"memory://{base}/b/n"]
+    recs = resolve_source(urls, cache_dir=tmp_path / "cache", cache_limit=1000)
+    assert len(recs) == 4 and all(r.is_file() and r.with_suffix(".idx").is_file() for r in recs)
+    from gpurec.dataset import Dataset
+
+    assert len(Dataset(recs)) == 24
+
+
+def test_a_shard_in_use_by_a_process_is_not_evicted_by_another(
+    memory_bucket, tmp_path: Path
+) -> None:
+    from helpers import numbered_shards
+
+    from gpurec.storage import ShardCache
+
+    fs, base = memory_bucket
+    for p in numbered_shards(tmp_path / "a", counts=(7, 5)):
+        fs.put_file(str(p), f"{base}/a/{p.name}")
+    cache_dir = tmp_path / "cache"
+    recs = ShardCache(cache_dir).fetch(f"memory://{base}/a/n")  # this process uses them
+    code = (
+        "import sys; from gpurec.storage import ShardCache\n"
+        "print(len(ShardCache(sys.argv[1], cache_limit=1).evict()))\n"
+    )
+    run = [sys.executable, "-c", code, str(cache_dir)]
+    res = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "0", res.stderr  # another rank trims the cache: kept
+    assert all(r.is_file() for r in recs)
+    from gpurec.storage import release_shards
+
+    release_shards(recs)
+    res = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "2", res.stderr
+    assert not any(r.exists() for r in recs)
+
+
+def test_a_cached_idx_the_store_no_longer_has_is_removed(memory_bucket, tmp_path: Path) -> None:
+    from helpers import write_records
+
+    from gpurec.storage import ShardCache
+
+    fs, base = memory_bucket
+    flat = [np.full((20, 20, 3), i, np.uint8) for i in range(8)]
+    old = write_records(tmp_path / "old.rec", flat, [float(i) for i in range(8)])
+    sized = [np.full((20 + i, 30, 3), i, np.uint8) for i in range(8)]
+    new = write_records(tmp_path / "new.rec", sized, [100.0 + i for i in range(8)])
+    fs.put_file(str(old), f"{base}/ds.rec")
+    fs.put_file(str(old.with_suffix(".idx")), f"{base}/ds.idx")
+    cache = ShardCache(tmp_path / "cache")
+    (rec,) = cache.fetch(f"memory://{base}/ds")
+    assert rec.with_suffix(".idx").is_file()
+    fs.put_file(str(new), f"{base}/ds.rec")  # re-packed; its .idx not (yet) there
+    fs.rm_file(f"{base}/ds.idx")
+    (rec,) = cache.fetch(f"memory://{base}/ds")
+    assert rec.read_bytes() == new.read_bytes()
+    assert not rec.with_suffix(".idx").exists()
+    assert not (rec.parent / "ds.idx.meta.json").exists()
+    from gpurec import Pipeline
+
+    pipe = Pipeline([rec], 8, (3, 16, 16), device="cpu", shuffle=False, train=False)
+    assert next(iter(pipe)).label.tolist() == [100.0 + i for i in range(8)]
+    pipe.close()
+
+
+def _recording_fs(name: str, fail: str | None = None, delay: float = 0.0):
+    """A memory filesystem under protocol ``name`` whose `.rec` uploads take ``delay`` s,
+    fail for a path containing ``fail``, and record how many finished `.rec` files sit in
+    the staging folder at each upload."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Recording(MemoryFileSystem):
+        protocol = (name,)
+        store: ClassVar[dict] = {}
+        pseudo_dirs: ClassVar[list[str]] = [""]
+        staged: ClassVar[list[int]] = []
+
+        def put_file(self, lpath, rpath, *args, **kwargs):
+            Recording.staged.append(len(list(Path(lpath).parent.glob("*.rec"))))
+            if fail is not None and fail in rpath:
+                raise OSError("simulated upload failure")
+            if ".rec" in rpath:
+                time.sleep(delay)
+            return super().put_file(lpath, rpath, *args, **kwargs)
+
+    fsspec.register_implementation(name, Recording, clobber=True)
+    return Recording
+
+
+def test_a_pack_faster_than_its_uploads_stages_only_a_few_shards(tmp_path: Path) -> None:
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=6)
+    fs = _recording_fs("slowupload", delay=0.6)
+    pack(root, "slowupload://bucket/out/ds", resize=30, shards=6, workers=1)
+    assert len([k for k in fs.store if k.endswith(".rec")]) == 6
+    assert max(fs.staged) <= 3, fs.staged  # 2 queued or uploading (+1 being written)
+
+
+def test_after_a_failed_upload_nothing_more_is_uploaded(tmp_path: Path) -> None:
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=6)
+    fs = _recording_fs("flakyupload", fail="ds-00000-of-00004.rec")
+    with pytest.raises(OSError, match="simulated upload failure"):
+        pack(root, "flakyupload://bucket/out/ds", resize=30, shards=4, workers=1)
+    assert fs.store == {}
+
+
+def test_a_malformed_storage_option_is_not_echoed() -> None:
+    from gpurec.storage import parse_storage_options
+
+    for item in ("s3cr3t-value", "=s3cr3t-value"):
+        with pytest.raises(ValueError) as info:
+            parse_storage_options(["anon=true", item])
+        assert "s3cr3t" not in str(info.value) and "#2" in str(info.value)
