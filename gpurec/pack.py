@@ -51,6 +51,7 @@ from gpurec.recordio import (
     RecordWriter,
     frame_record,
     read_lst,
+    write_all,
     write_lst,
 )
 from gpurec.storage import Publisher, RemoteRoot, is_url, local_path, staging_dir
@@ -264,19 +265,6 @@ def _records(source, spec: EncodeSpec, items: Sequence[Item]) -> list[Frame | st
     return [_record(source, item, spec, d) for item, d in zip(items, datas, strict=True)]
 
 
-def _writev_all(fd: int, parts: list[Payload], max_parts: int = 512) -> None:
-    """Write every part (``writev`` in groups under IOV_MAX; short writes resumed)."""
-    while parts:
-        done = os.writev(fd, parts[:max_parts])
-        first = 0
-        while first < len(parts) and done >= memoryview(parts[first]).nbytes:
-            done -= memoryview(parts[first]).nbytes
-            first += 1
-        parts = parts[first:]
-        if done:
-            parts[0] = memoryview(parts[0])[done:]
-
-
 @dataclass
 class Chunk:
     """A batch's records as a worker process left them: framed, back to back, in the file
@@ -313,7 +301,7 @@ def chunk_records(source, spec: EncodeSpec, items: Sequence[Item], path: str) ->
             sizes.append(sum(memoryview(p).nbytes for p in result))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        _writev_all(fd, parts)
+        write_all(fd, parts, path)
     finally:
         os.close(fd)
     return Chunk(path, sizes, skips)

@@ -56,6 +56,7 @@ __all__ = [
     "scan_offsets",
     "unpack",
     "unpack_view",
+    "write_all",
     "write_idx",
     "write_lst",
 ]
@@ -217,6 +218,29 @@ def frame_record(
     return out + pad
 
 
+def write_all(fd: int, parts: Sequence[bytes | memoryview], path: PathLike | None = None) -> int:
+    """Write every buffer of ``parts`` to ``fd`` with ``writev`` (in groups under
+    IOV_MAX, short writes resumed); returns the bytes written. An error names ``path``:
+    "No space left on device" alone says little."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(v.nbytes for v in views)
+    first = 0
+    while first < len(views):
+        try:
+            done = os.writev(fd, views[first : first + _IOV_PARTS])
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, None if path is None else str(path)) from None
+        while first < len(views) and done >= views[first].nbytes:
+            done -= views[first].nbytes
+            first += 1
+        if done:
+            views[first] = views[first][done:]
+    return total
+
+
+_IOV_PARTS = 512  # buffers per writev: well under IOV_MAX (1024 on Linux)
+
+
 def _sync_folder(folder: Path) -> None:
     """fsync a folder, so that renames in it are on disk (where the system allows it)."""
     with contextlib.suppress(OSError):
@@ -300,18 +324,7 @@ class RecordWriter:
         """Write out the gathered records (``writev``; short writes are resumed)."""
         parts, self._parts, self._pending = self._parts, [], 0
         fd = self._file.fileno()
-        while parts:
-            try:  # a record cut at many magic words has many parts: stay under IOV_MAX
-                done = os.writev(fd, parts[: self._FLUSH_PARTS])
-            except OSError as exc:  # name the file: "File too large" alone says little
-                raise OSError(exc.errno, exc.strerror, str(self._tmp)) from None
-            first = 0  # skip the parts written whole, cut the one written in part
-            while first < len(parts) and done >= memoryview(parts[first]).nbytes:
-                done -= memoryview(parts[first]).nbytes
-                first += 1
-            parts = parts[first:]
-            if done:
-                parts[0] = memoryview(parts[0])[done:]
+        write_all(fd, parts, self._tmp)  # a record cut at many magic words has many parts
         if self._offset - self._synced >= self._SYNC_BYTES and not self._syncing():
             self._synced = self._offset
             # The thread syncs and closes its own descriptor: however the writer ends,

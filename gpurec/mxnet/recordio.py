@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from gpurec import recordio as _format
-from gpurec.recordio import _IR, IR_SIZE, RecordReader, frame_record
+from gpurec.recordio import _IR, IR_SIZE, RecordReader, frame_record, write_all
 
 __all__ = [
     "IRHeader",
@@ -81,29 +81,10 @@ class RecordIOError(_format.RecordIOError, RuntimeError):
         return cls(exc.reason, exc.path, offset=exc.offset, line=exc.line)
 
 
-_IOV_MAX = 512  # parts per writev, well under Linux's IOV_MAX of 1024
-
 # MXNet packs the header with the native format "IfQQ": the same 24 little-endian bytes as
 # gpurec.recordio's "<IfQQ" on every machine gpurec runs on, but a float label beyond
 # float32's range becomes inf instead of raising OverflowError. pack() keeps that.
 _IR_NATIVE = struct.Struct("IfQQ")
-
-
-def _write_all(fd: int, parts: Sequence[bytes | memoryview], path: str) -> int:
-    """Write every buffer of ``parts`` to ``fd`` (``writev``, short writes resumed)."""
-    views = [memoryview(p).cast("B") for p in parts]
-    total = sum(v.nbytes for v in views)
-    while views:
-        try:
-            done = os.writev(fd, views[:_IOV_MAX])
-        except OSError as exc:  # name the file: "No space left on device" alone says little
-            raise OSError(exc.errno, exc.strerror, path) from None
-        while views and done >= views[0].nbytes:
-            done -= views[0].nbytes
-            views.pop(0)
-        if done:
-            views[0] = views[0][done:]
-    return total
 
 
 class MXRecordIO:
@@ -245,7 +226,7 @@ class MXRecordIO:
             frame = frame_record(buf)
         except _format.RecordIOError as exc:
             raise RecordIOError(exc.reason, self.uri, offset=offset) from None
-        self._pos += _write_all(self._fd, frame, self.uri)
+        self._pos += write_all(self._fd, frame, self.uri)
         return offset
 
     def tell(self) -> int:
@@ -422,7 +403,7 @@ class MXIndexedRecordIO(MXRecordIO):
         with self._lock:  # record and line together, even with several writing threads
             pos = self._append(buf)
             line = "%s\t%d\n" % (str(key), pos)  # noqa: UP031 - MXNet's format, verbatim
-            _write_all(self._idx_fd, [line.encode()], self.idx_path)
+            write_all(self._idx_fd, [line.encode()], self.idx_path)
             self.idx[key] = pos
             self.keys.append(key)
 
