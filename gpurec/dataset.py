@@ -473,10 +473,6 @@ class Dataset:
     def paths(self) -> list[Path]:
         return [s.path for s in self.shards]
 
-    @property
-    def readers(self) -> list[RecordReader]:
-        return [s.reader for s in self.shards]
-
     def locate(self, i: int) -> tuple[int, int]:
         """(shard number, position among that shard's samples) of sample ``i``."""
         if not 0 <= i < self._starts[-1]:
