@@ -9,7 +9,10 @@ standard ImageNet training transform (random-resized crop 224, area 0.08-1, aspe
   the encoded images fed to DALI through ``external_source``) and the same graph
   written directly in DALI (readers.mxnet -> decoders.image_random_crop -> resize ->
   crop_mirror_normalize, CPU mode, outputs copied out with ``as_array``), side by side
-  in one run: the issue's ">= 0.95x raw DALI" is their ratio;
+  in one run: the issue's ">= 0.95x raw DALI" is their ratio; ``--config seed`` measures the seed's
+  recipe instead (resize 300, rotation 50, shear 0.5, white fill, random 224, mirror;
+  the raw side: decoders.image -> resize(resize_shorter) -> warp_affine with DALI's random
+  transforms -> crop_mirror_normalize, see ``raw_seed_graph``);
 - ``gpurec.Pipeline(..., backend="cpu")`` (OpenCV and NumPy);
 - the decode limit: ``cv2.imdecode`` of the payloads held in memory, one thread and a
   pool of ``--threads`` threads (each thread decodes its share of the list);
@@ -64,6 +67,7 @@ import numpy as np
 MEAN = (123.68, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 TRAIN = dict(
+    crop="random_resized",
     min_random_area=0.08,
     max_random_area=1.0,
     min_aspect_ratio=3 / 4,
@@ -72,6 +76,19 @@ TRAIN = dict(
     mean=MEAN,
     std=STD,
 )
+# The project's seed (MXNet's ImageRecordIter recipe): shorter edge to 300, rotation and
+# shear of the whole image filled with white, a random 224 window at that resolution.
+SEED = dict(
+    crop="random",
+    resize=300,
+    rand_mirror=True,
+    max_rotate_angle=50,
+    max_shear_ratio=0.5,
+    fill_value=255,
+    mean=MEAN,
+    std=STD,
+)
+CONFIGS = {"train": TRAIN, "seed": SEED}
 DATASET_VERSION = 1
 MARKER = ".bench_load.json"
 
@@ -268,7 +285,7 @@ def child_gpurec(a: argparse.Namespace) -> dict:
         backend=a.backend,
         num_threads=a.threads,
         seed=1,
-        **TRAIN,
+        **CONFIGS[a.config],
     )
     if a.cpu_alt:  # another version of gpurec/backends/cpu.py, for before/after runs
         import importlib.util
@@ -293,6 +310,32 @@ def child_gpurec(a: argparse.Namespace) -> dict:
     return epochs.result(build_s=built, first_batch_s=first)
 
 
+def raw_seed_graph(fn, types, images):
+    """The seed's augmentation as a DALI user writes it, with DALI's random operators:
+    shorter edge to 300, one warp (rotation and shear about the centre, then a random 224
+    window's offset) filled with white straight to 224 x 224, mirror, normalise. gpurec's
+    graph for SEED runs the same operators (resize, warp_affine, crop_mirror_normalize)
+    with its own parameters fed through external_source."""
+    images = fn.resize(images, resize_shorter=300)
+    shape = fn.cast(fn.shapes(images), dtype=types.FLOAT)
+    height, width = shape[0], shape[1]
+    center = fn.stack(width * 0.5, height * 0.5)
+    angle = fn.random.uniform(range=(-50.0, 50.0))
+    shear = fn.stack(fn.random.uniform(range=(-0.5, 0.5)), types.Constant(0.0))
+    offset = fn.stack(
+        -fn.random.uniform(range=(0.0, 1.0)) * (width - 224),
+        -fn.random.uniform(range=(0.0, 1.0)) * (height - 224),
+    )
+    matrix = fn.transforms.combine(
+        fn.transforms.rotation(angle=angle, center=center),
+        fn.transforms.shear(shear=shear, center=center),
+        fn.transforms.translation(offset=offset),
+    )
+    return fn.warp_affine(
+        images, matrix=matrix, size=(224, 224), fill_value=255.0, inverse_map=False
+    )
+
+
 def child_dali_raw(a: argparse.Namespace) -> dict:
     from nvidia.dali import fn, pipeline_def, types
 
@@ -313,15 +356,19 @@ def child_dali_raw(a: argparse.Namespace) -> dict:
             pad_last_batch=True,
             name="reader",
         )
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            device="cpu",
-            output_type=types.RGB,
-            random_area=[0.08, 1.0],
-            random_aspect_ratio=[3 / 4, 4 / 3],
-            num_attempts=10,
-        )
-        images = fn.resize(images, resize_x=224, resize_y=224)
+        if a.config == "seed":
+            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            images = raw_seed_graph(fn, types, images)
+        else:  # gpurec: decoders.image_slice of its window, resize with an ROI
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device="cpu",
+                output_type=types.RGB,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=10,
+            )
+            images = fn.resize(images, resize_x=224, resize_y=224)
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
@@ -566,7 +613,7 @@ def wait_quiet(threshold: float = 0.1, max_wait: float = 120) -> float:
 
 def methods(a: argparse.Namespace, paths: dict) -> dict[str, tuple]:
     """name -> (description, data set, how to run it)."""
-    common = dict(batch_size=a.batch_size, threads=a.threads, epochs=a.epochs)
+    common = dict(batch_size=a.batch_size, threads=a.threads, epochs=a.epochs, config=a.config)
     out: dict[str, tuple] = {}
     sets = [("", "r256")] + ([("full:", "full")] if a.full else [])
     for tag, key in sets:
@@ -752,6 +799,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cpu-alt",
         help="also run gpurec-cpu with the CPUBackend of this file (another version of "
         "gpurec/backends/cpu.py, e.g. from git show REV:gpurec/backends/cpu.py)",
+    )
+    p.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default="train",
+        help="the augmentation: 'train' (random-resized crop 224, mirror, normalise) or "
+        "'seed' (the seed's ImageRecordIter recipe: resize 300, rotate, shear, random 224)",
     )
     p.add_argument("--json", type=Path, help="also write all results here")
     # child mode (internal)

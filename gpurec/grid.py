@@ -25,7 +25,16 @@ def batch_images(data, spec: AugmentSpec) -> np.ndarray:
     array = _host(data).astype(np.float32)
     if spec.layout == "NCHW":
         array = array.transpose(0, 2, 3, 1)
-    array = array * np.array(spec.std, np.float32) + np.array(spec.mean, np.float32)
+    # Undo (x - mean) * scale / std (the normaliser's random jitter cannot be undone:
+    # those images show it), or int8's x - round(mean).
+    if spec.dtype == "int8":
+        array = array + np.round(np.array(spec.mean, np.float32))
+    elif spec.dtype != "uint8":
+        array = array * (np.array(spec.std, np.float32) / np.float32(spec.scale))
+        if spec.mean_image is not None:
+            array = array + spec.mean_image.transpose(1, 2, 0)
+        else:
+            array = array + np.array(spec.mean, np.float32)
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
 
 

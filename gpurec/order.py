@@ -12,6 +12,17 @@ their records from it), so both hand out the same records in the same order.
   with ``last_batch="drop"`` (the rest of each share is not read that epoch),
   ``ceil(max share / batch)`` with ``"pad"`` and ``"partial"`` (the last batch is filled
   with repeats of the rank's last record; :attr:`Plan.real` counts the real ones).
+- **Wrap** (``last_batch="wrap"``, MXNet's ``round_batch``): each rank reads its slices of
+  the epochs' permutations as one stream, cut into batches: the last batch of an epoch is
+  filled with the first records of the rank's next slice (:attr:`Plan.real` counts the
+  records of this epoch's slice), and the next epoch starts after them. Epoch ``e``
+  holds stream positions ``[ceil(e*n/B)*B, ceil((e+1)*n/B)*B)`` (``n`` the rank's share,
+  ``B`` the batch size): every record is read once per epoch in the long run, no batch
+  is short, and the number of batches varies by one from epoch to epoch (as MXNet's).
+  Ranks whose shares differ in size may then differ by one batch in an epoch (MXNet's
+  ``num_parts`` do too). A share smaller than a batch wraps more than once, and an epoch
+  may then have no batch, as in MXNet. There is no elastic resume (a checkpoint resumes
+  with the same layout only).
 - **Resume.** A checkpoint records the epoch, the number of batches every rank has
   consumed (ranks move in step: data-parallel training takes one batch per rank per
   step), and the layout (ranks, batch size). Resuming with the same layout continues
@@ -36,7 +47,7 @@ import numpy as np
 
 __all__ = ["Plan", "Segment", "batches_for", "permutation", "plan", "rank_range", "remaining"]
 
-LAST_BATCH = ("drop", "pad", "partial")
+LAST_BATCH = ("drop", "pad", "partial", "wrap")
 
 
 def rank_range(n: int, num_shards: int, shard_id: int) -> tuple[int, int]:
@@ -52,7 +63,8 @@ def permutation(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 def batches_for(count: int, num_shards: int, batch_size: int, last_batch: str) -> int:
-    """Batches every rank reads when ``count`` records are laid out over ``num_shards``."""
+    """Batches every rank reads when ``count`` records are laid out over ``num_shards``
+    (for ``"wrap"``: the most any rank reads in an epoch, the first epoch's)."""
     shares = [b - a for a, b in (rank_range(count, num_shards, k) for k in range(num_shards))]
     if last_batch == "drop":
         return min(shares) // batch_size
@@ -134,6 +146,13 @@ def plan(
 ) -> Plan:
     """The :class:`Plan` of rank ``shard_id``: its slice of what ``segments`` left of
     ``epoch``, cut into batches and padded as ``last_batch`` says."""
+    if last_batch == "wrap":
+        if segments:
+            raise ValueError(
+                "last_batch='wrap' resumes with the layout it was checkpointed with only "
+                f"(checkpoint: {segments[0].num_shards} ranks of batch {segments[0].batch_size})"
+            )
+        return _wrapped(n, seed, epoch, shuffle, num_shards, shard_id, batch_size)
     rest = remaining(n, seed, epoch, shuffle, segments)
     batches = batches_for(len(rest), num_shards, batch_size, last_batch)
     lo, hi = rank_range(len(rest), num_shards, shard_id)
@@ -146,3 +165,28 @@ def plan(
         filler = mine[-1] if len(mine) else (rest[-1] if len(rest) else 0)
         indices = np.concatenate([mine, np.full(want - len(mine), filler, np.int64)])
     return Plan(epoch, batch_size, indices.astype(np.int64, copy=False), real, tuple(segments))
+
+
+def _wrapped(
+    n: int, seed: int, epoch: int, shuffle: bool, num_shards: int, shard_id: int, batch_size: int
+) -> Plan:
+    """``last_batch="wrap"``: epoch ``epoch`` of the rank's stream of slices (see the
+    module docstring); the records after this epoch's slice are the next epoch's."""
+    lo, hi = rank_range(n, num_shards, shard_id)
+    share = hi - lo
+    if share < 1:
+        raise ValueError(f"last_batch='wrap': rank {shard_id} of {num_shards} has no record")
+    start = -(-epoch * share // batch_size) * batch_size  # ceil(e*n/B)*B
+    end = -(-(epoch + 1) * share // batch_size) * batch_size
+    positions = np.arange(start, end, dtype=np.int64)
+    passes = positions // share  # epoch, epoch + 1 (more when share < batch_size)
+    indices = np.empty(len(positions), np.int64)
+    for p in np.unique(passes).tolist():
+        mine = permutation(n, seed, p, shuffle)[lo:hi]
+        sel = passes == p
+        indices[sel] = mine[positions[sel] % share]
+    batches = (end - start) // batch_size
+    real = [batch_size] * batches
+    if batches:  # the next epochs' records in the last batch
+        real[-1] -= int(end - (epoch + 1) * share)
+    return Plan(epoch, batch_size, indices, real)

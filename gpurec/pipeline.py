@@ -13,9 +13,12 @@ The order of records is gpurec's own, one implementation for both backends
 ``[N*k//S, N*(k+1)//S)`` of it; every rank gets ``floor(min share / batch)`` batches
 with ``last_batch="drop"`` and ``ceil(max share / batch)`` with ``"pad"`` (repeats of the
 rank's last record fill the batch, ``batch.pad`` counts them) or ``"partial"`` (the
-padding is cut off, but a batch is never empty). Both backends read the records through
-:class:`gpurec.dataset.Dataset`; DALI only decodes and augments what gpurec feeds it, so
-for the same seed, epoch and rank both hand out the same records in the same order.
+padding is cut off, but a batch is never empty); with ``"wrap"`` (MXNet's
+``round_batch``) the last batch is filled with the first records of the rank's next
+epoch, ``batch.pad`` counts them, and the next epoch starts after them. Both backends
+read the records through :class:`gpurec.dataset.Dataset`; DALI only decodes and augments
+what gpurec feeds it, so for the same seed, epoch and rank both hand out the same records
+in the same order.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 from gpurec.dataset import Dataset, resolve_source
+from gpurec.draws import Draws, draw
 from gpurec.order import LAST_BATCH, Plan, Segment, batches_for, plan, rank_range
 from gpurec.recordio import RecordIOError
 
@@ -38,11 +42,18 @@ __all__ = ["Batch", "Pipeline", "rank_range"]
 
 @dataclass
 class Batch:
-    """One batch: images, labels (float32; ``(N,)`` or ``(N, k)``), and padded count."""
+    """One batch: images, labels (float32; ``(N,)`` or ``(N, k)``), and padded count.
+
+    ``index``: the dataset's sample numbers of the rows (int64, ``(N,)``, padding
+    included), so that ``pipe.dataset.read(batch.index[i])`` is row ``i``'s record. They
+    are positions in the source (shard by shard, record by record), the same on both
+    backends; a record's own id (``IRHeader.id``) is in that record.
+    """
 
     data: Any
     label: Any
     pad: int = 0
+    index: np.ndarray | None = None
 
     def __iter__(self):  # ``data, label = batch``
         yield self.data
@@ -73,9 +84,11 @@ class Pipeline:
     OpenCV backend, which measured faster than DALI's CPU mode here). Augmentation
     keywords are :class:`AugmentSpec` fields.
     ``shuffle`` defaults to ``train``: a new global permutation every epoch, the same on
-    both backends. ``on_error="skip"`` (both backends) replaces a record that does not
-    decode by a good one of its batch and counts it in ``pipe.skipped``; ``"raise"``
-    stops with the shard, record and byte offset. ``prefetch``: batches read and
+    both backends. ``seed`` draws the order and the augmentations; ``augment_seed``, when
+    given, draws the augmentations instead (the order keeps ``seed``).
+    ``on_error="skip"`` (both backends) replaces a record that does not decode by a good
+    one of its batch and counts it in ``pipe.skipped``; ``"raise"`` stops with the
+    shard, record and byte offset. ``prefetch``: batches read and
     decoded ahead of the caller.
     """
 
@@ -90,6 +103,7 @@ class Pipeline:
         train: bool = True,
         shuffle: bool | None = None,
         seed: int = 0,
+        augment_seed: int | None = None,
         shard_id: int | None = None,
         num_shards: int | None = None,
         last_batch: str = "drop",
@@ -125,6 +139,8 @@ class Pipeline:
         self.device = device
         self.shuffle = train if shuffle is None else bool(shuffle)
         self.seed = int(seed)
+        # The augmentations' draws: ``seed`` unless told apart (MXNet's ``seed_aug``).
+        self.augment_seed = self.seed if augment_seed is None else int(augment_seed)
         self.shard_id, self.num_shards = shard_id, num_shards
         self.last_batch = last_batch
         self.on_error = on_error
@@ -208,9 +224,13 @@ class Pipeline:
     # -------------------------------------------------------------------- iteration
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank); for an epoch resumed
-        on another number of ranks (elastic), the batches that epoch has in all."""
+        on another number of ranks (elastic), the batches that epoch has in all; with
+        ``last_batch="wrap"``, the batches of the epoch the next ``iter()`` reads."""
         if self._resume and self._segments:
             return self.plan(self.epoch, self._segments).batches
+        if self.last_batch == "wrap":  # varies by one from epoch to epoch: the next one's
+            nxt = self.epoch + 1 if self._next_batch and not self._resume else self.epoch
+            return self.plan(nxt).batches
         return self._batches
 
     def plan(self, epoch: int, segments: tuple[Segment, ...] = ()) -> Plan:
@@ -237,6 +257,14 @@ class Pipeline:
             segments=segments,
         )
 
+    def draws(self, plan: Plan, b: int, n: int | None = None) -> Draws:
+        """The random numbers of batch ``b`` of ``plan`` (its first ``n`` images): both
+        backends augment with these, so they follow from (seed, epoch, batch) alone. A
+        part of an epoch laid out again by an elastic resume gets draws of its own."""
+        extra = (len(plan.segments),) if plan.segments else ()
+        count = self.batch_size if n is None else n
+        return draw(self.spec, (self.augment_seed, plan.epoch, b, 1, *extra), count)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample indices this rank reads in ``epoch``, padded or cut to whole batches."""
         return self.plan(epoch).indices
@@ -261,14 +289,16 @@ class Pipeline:
             return
         for b, (data, label, real) in enumerate(self.backend.run_epoch(plan, start), start):
             pad = self.batch_size - real
+            index = plan.batch(b)
             if self.last_batch == "partial" and pad:
                 keep = max(real, 1)
                 data, label, pad = data[:keep], label[:keep], keep - real
+                index = index[:keep]
             if b + 1 == plan.batches:
                 self.epoch, self._next_batch, self._segments = plan.epoch + 1, 0, ()
             else:
                 self.epoch, self._next_batch, self._segments = plan.epoch, b + 1, plan.segments
-            yield Batch(data, label, pad)
+            yield Batch(data, label, pad, index.copy())
             del data, label  # hold no batch while the backend makes the next
 
     # ------------------------------------------------------------------ checkpoints

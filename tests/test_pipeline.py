@@ -78,7 +78,7 @@ def test_labels_belong_to_their_images_under_full_augmentation(colors, backend) 
 def test_mirror_is_a_horizontal_flip(colors, backend) -> None:
     common = dict(backend=backend, shuffle=False, dtype="uint8", layout="NHWC")
     plain = np.concatenate([b.data for b in cpu_pipe(colors, 8, train=False, **common)])
-    mirrored = np.concatenate([b.data for b in cpu_pipe(colors, 8, rand_crop=False,
+    mirrored = np.concatenate([b.data for b in cpu_pipe(colors, 8, crop="center",
                                                         rand_mirror=True, **common)])  # fmt: skip
     flips = 0
     for a, m in zip(plain, mirrored, strict=True):
@@ -91,9 +91,13 @@ def test_mirror_is_a_horizontal_flip(colors, backend) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rotation_keeps_size_and_fills(tmp_path, backend) -> None:
+    """MXNet's order: the whole (resized) image turns about its centre on a canvas of its
+    size, uncovered pixels filled, then the crop; with the crop as large as the canvas,
+    its corners show the fill whenever the angle is not tiny."""
     rec = write_records(tmp_path / "d.rec", [np.full((64, 64, 3), 40, np.uint8)] * 16, [0.0] * 16)
-    pipe = cpu_pipe(rec, 16, (3, 64, 64), backend=backend, rand_crop=False, rand_mirror=False,
-                    max_rotate_angle=60, fill_value=200, dtype="uint8", layout="NHWC")  # fmt: skip
+    pipe = cpu_pipe(rec, 16, (3, 64, 64), backend=backend, crop="center", resize=64,
+                    rand_mirror=False, max_rotate_angle=60, fill_value=200, dtype="uint8",
+                    layout="NHWC")  # fmt: skip
     ((data, _),) = list(pipe)
     assert data.shape == (16, 64, 64, 3)
     assert (np.abs(data[:, 28:36, 28:36].astype(int) - 40) <= 2).all()  # the center is image
@@ -103,19 +107,39 @@ def test_rotation_keeps_size_and_fills(tmp_path, backend) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_crops_stay_inside_with_area_and_aspect_in_range(tmp_path, backend) -> None:
-    rec = write_records(tmp_path / "c.rec", [coordinate_image(256)] * 24, [0.0] * 24)
-    pipe = cpu_pipe(rec, 24, (3, 64, 64), backend=backend, rand_mirror=False,
-                    min_random_area=0.25, max_random_area=0.6, min_aspect_ratio=0.75,
-                    max_aspect_ratio=1.33, dtype="uint8", layout="NHWC")  # fmt: skip
+def test_rotation_happens_before_the_crop_on_the_whole_image(tmp_path, backend) -> None:
+    """A 20 degree turn of a 96x96 image, then a central 48x48 crop: the crop lies inside
+    the turned image (no fill at all), which a turn after the crop would not give."""
+    rec = write_records(tmp_path / "r.rec", [np.full((96, 96, 3), 40, np.uint8)] * 4, [0.0] * 4)
+    pipe = cpu_pipe(rec, 4, (3, 48, 48), backend=backend, train=False, crop="center",
+                    resize=96, rotate=20, fill_value=250, dtype="uint8", layout="NHWC")  # fmt: skip
     ((data, _),) = list(pipe)
+    assert (np.abs(data.astype(int) - 40) <= 1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_crops_stay_inside_with_area_and_aspect_in_range(tmp_path, backend) -> None:
+    """MXNet's random-resized crop: area fraction uniform in [min, max], width/height
+    ratio uniform in [min_aspect_ratio, max_aspect_ratio] and, with probability 1/2,
+    the sides swapped (so the ratio is inverted). With ratios 1.2-2, both wide and tall
+    windows appear, none in between."""
+    rec = write_records(tmp_path / "c.rec", [coordinate_image(256)] * 32, [0.0] * 32)
+    pipe = cpu_pipe(rec, 32, (3, 64, 64), backend=backend, rand_mirror=False,
+                    min_random_area=0.25, max_random_area=0.6, min_aspect_ratio=1.2,
+                    max_aspect_ratio=2.0, dtype="uint8", layout="NHWC")  # fmt: skip
+    ((data, _),) = list(pipe)
+    wide = tall = 0
     for img in data.astype(float):
         x0, x1 = img[:, 0, 0].mean() * 256 / 255, img[:, -1, 0].mean() * 256 / 255
         y0, y1 = img[0, :, 1].mean() * 256 / 255, img[-1, :, 1].mean() * 256 / 255
         w, h = x1 - x0, y1 - y0
         assert x0 >= -2 and x1 <= 258 and y0 >= -2 and y1 <= 258
         assert 0.25 * 0.85 <= w * h / 256**2 <= 0.6 * 1.15, (w, h)
-        assert 0.75 * 0.9 <= w / h <= 1.33 * 1.1, (w, h)
+        ratio = w / h
+        assert 1.2 * 0.9 <= ratio <= 2.0 * 1.1 or 0.5 * 0.9 <= ratio <= 1 / 1.2 * 1.1, (w, h)
+        wide += ratio > 1
+        tall += ratio < 1
+    assert wide >= 6 and tall >= 6, (wide, tall)
 
 
 # ------------------------------------------------------------------ ranks and epochs
@@ -407,7 +431,7 @@ def test_dali_skips_bad_records_under_shuffle_and_keeps_the_order_of_the_cpu_bac
     out = {}
     for backend in BACKENDS:
         pipe = cpu_pipe(rec, 4, (3, 16, 16), backend=backend, seed=2, on_error="skip",
-                        rand_crop=False)  # fmt: skip
+                        crop="center")  # fmt: skip
         labels = [[b.label.tolist() for b in pipe] for _ in range(2)]
         out[backend] = labels, pipe.skipped
     assert out["dali"] == out["cpu"]
@@ -426,12 +450,12 @@ def test_dali_skips_bad_records_under_shuffle_and_keeps_the_order_of_the_cpu_bac
         ({"backend": "torch"}, "backend must be"),
         ({"last_batch": "keep"}, "last_batch must be one of"),
         ({"data_shape": (1, 32, 32)}, r"data_shape must be \(3, height, width\)"),
-        ({"train": False, "rand_mirror": True}, "rand_mirror=True is a training augmentation"),
+        ({"train": False, "rand_mirror": True}, "rand_mirror is a training augmentation"),
         ({"train": False, "max_rotate_angle": 10}, "train=False forbids it"),
         ({"min_random_area": 0.5, "max_random_area": 0.2}, "min_random_area <= max_random_area"),
         ({"mean": (1, 2)}, "mean must have 3 values"),
         ({"std": 0}, "std must be positive"),
-        ({"dtype": "uint8", "mean": (1, 1, 1)}, "dtype='uint8' cannot hold"),
+        ({"dtype": "uint8", "mean": (1, 1, 1)}, "dtype='uint8' holds the pixels"),
         ({"layout": "CHW"}, "layout must be one of"),
         ({"shard_id": 3, "num_shards": 3}, "shard_id must be in 0..num_shards-1"),
         ({"brightness": 1.5}, r"brightness must be in \[0, 1\]"),

@@ -1,22 +1,68 @@
-"""The CPU backend: gpurec's reader, OpenCV decoding, the AugmentSpec steps, NumPy out.
+"""The CPU backend: gpurec's reader, OpenCV decoding, MXNet's augmenter steps, NumPy out.
 
 For machines without DALI. A thread pool works on a few images per task (OpenCV and
-NumPy release the GIL), a few batches ahead of the trainer. Random parameters are
-drawn per batch from ``(seed, epoch, batch)`` before any thread runs, so the batches
-are the same bit for bit whatever the thread count or timing.
+NumPy release the GIL), a few batches ahead of the trainer. The random numbers of a
+batch come from :meth:`gpurec.Pipeline.draws` (``(seed, epoch, batch)``), before any
+thread runs; :func:`gpurec.draws.geometry` and :func:`gpurec.draws.colour` turn them and
+an image's size (read from its JPEG/PNG/GIF header, before decoding) into that image's
+steps. The batches are the same bit for bit whatever the thread count or timing, and
+the DALI backend applies the same windows, matrices and factors.
 
-Speed (measured with ``benchmarks/bench_load.py``, see ``benchmarks/RESULTS-load.md``):
-the crop is chosen from the JPEG header's size before decoding, so libjpeg can decode
-at 1/2, 1/4 or 1/8 size whenever that still covers the output; the crop is resized
-once; colour steps are single ``cv2.transform`` calls. The last step, mirror + BGR to
-RGB + normalise + cast + layout, is one pass per channel straight into the batch: the
-decoded BGR planes go to the RGB planes in reverse order (no colour conversion), and
-``(x - mean) / std`` is a 256-entry table per channel (``cv2.LUT``) made by applying
-the very same arithmetic to every uint8 value, so it is bit-identical to computing it
-per pixel. Memory is reused rather than allocated per image: each thread resizes,
-mirrors and splits into its own scratch images, and a batch array the caller no longer
-references is filled again (fresh ones cost a page fault per 4 KiB). Tasks hold
-several images each, so the executor's per-task cost is paid a few times per batch.
+Geometry, two paths:
+
+* **axis-aligned** (no rotation, shear, random scale or stretch): MXNet's own OpenCV
+  calls, one by one: ``cv2.resize`` of the shorter edge, ``cv2.copyMakeBorder`` for
+  ``pad``, the enlargement of an image smaller than the data shape (in MXNet's two
+  steps, height then width), the window, and its ``cv2.resize`` to the data shape. For
+  deterministic configurations this is MXNet's output up to its JPEG decoder.
+* **warped**: MXNet resizes, warps the whole image onto a canvas, pads and crops; here
+  the resize step runs as MXNet's when it shrinks (a warp does not low-pass filter), and
+  the rest (warp, pad, crop, window resize) is one ``cv2.warpAffine`` straight to the
+  output size with the composed map (``Geometry.matrix``), filled with ``fill_value``;
+  with ``pad``, output pixels outside MXNet's canvas are filled as MXNet's padding is.
+  The same map sampled once: faster, and within interpolation noise of MXNet's three
+  resamplings (``tests/test_augment_cpu.py`` bounds the difference). ``cv2.INTER_AREA``
+  is not a warp interpolation: OpenCV warps with it as linear, as MXNet's warp does.
+
+Reduced JPEG decoding (libjpeg's DCT scaling at 1/2, 1/4 or 1/8: a fraction of the
+decode time) is used only where it stands in for an area-averaging shrink MXNet does
+anyway, and only by at most half that shrink, so that it changes the output by
+interpolation noise only:
+
+* the resize step uses ``cv2.INTER_AREA`` (``interp="area"``, or ``"auto"`` shrinking)
+  and shrinks by at least twice the denominator in both directions: the reduced image is
+  area-resized to MXNet's resized size;
+* there is no resize step and no ``pad``, the image is axis-aligned and its window is
+  resized to the data shape with ``cv2.INTER_AREA``, shrinking by at least twice the
+  denominator: the window is cut from the reduced image (its edges rounded to reduced
+  pixels: at most a quarter of an output pixel) and area-resized.
+
+Measured on 640x480 photo-like JPEGs (blurred noise, gradients, hard-edged discs;
+``tests/test_augment_cpu.py::test_reduced_decoding_stays_within_interpolation_noise``),
+mean |difference| to MXNet's steps on the full decode, and its 99th percentile, in
+levels: a shrink of 4.3 decoded at 1/2: 0.38, 2; at 1/4: 1.1, 6 (not allowed); a shrink
+of 8 at 1/4: 0.28, 2; a shrink of 2.1 at 1/2: 0.65, 4 (not allowed); random-resized
+64x64 windows (shrinks of 4 and more) cut from the 1/2 decode: 0.72, 5. With
+``"linear"`` (MXNet's default ``inter_method=1``), ``"cubic"`` and the others, a shrink
+aliases in MXNet, which reduced decoding would not reproduce: the full image is decoded.
+
+Colour, on the output-size crop: brightness, contrast and saturation as one
+``cv2.transform`` (``Colour.matrix`` on RGB, the mean gray of the crop); HSL offsets as
+a 256-entry table per channel in OpenCV's HLS space (clamped, not wrapped, as MXNet
+does); PCA noise as a table per channel (``int(x + offset)`` clamped, MXNet's integer
+arithmetic). Then one pass per channel straight into the batch: mirror, BGR to RGB,
+``(x - mean) * mult + bias`` in float32 (MXNet's normaliser and order of operations) and
+the cast, as a ``cv2.LUT`` table per channel made with that very arithmetic on every
+uint8 value, so it is bit-identical to computing it per pixel. The tables depend on the
+image only through the normaliser's jitter (``max_random_contrast``,
+``max_random_illumination``): without it they are made once, with it per image (256
+values each). ``mean_image`` is subtracted per pixel, before the mirror (MXNet
+subtracts ``meanimg[i][j]`` from the unmirrored pixel and writes it mirrored).
+
+Memory is reused rather than allocated per image: each thread resizes, warps, mirrors
+and splits into its own scratch images, and a batch array the caller no longer
+references is filled again (fresh ones cost a page fault per 4 KiB). Tasks hold several
+images each, so the executor's per-task cost is paid a few times per batch.
 """
 
 from __future__ import annotations
@@ -31,56 +77,53 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from gpurec.augment import AugmentSpec, saturation_matrix
+from gpurec.augment import AugmentSpec
+from gpurec.draws import AREA, LUMA, Colour, Draws, Geometry, colour, geometry
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, ImageInfo, UnknownImage, sniff
 
 if TYPE_CHECKING:
+    from gpurec.order import Plan
     from gpurec.pipeline import Pipeline
 
-__all__ = ["CPUBackend", "crop_window"]
+__all__ = ["CPUBackend", "reduction"]
 
-ATTEMPTS = 10
+_FULL = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # MXNet ignores EXIF orientation
 _REDUCED = {
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
+    1: _FULL,
+    2: cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION,
+    4: cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION,
+    8: cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION,
 }
+_HLS_LIMITS = (180, 255, 255)  # MXNet clamps H, L and S to these (H is not wrapped)
 
 
-def crop_window(
-    width: int, height: int, spec: AugmentSpec, draws: np.ndarray | None
-) -> tuple[float, float, float, float]:
-    """The source window (x, y, w, h) that becomes the output image.
-
-    With ``draws`` (``ATTEMPTS x 4`` uniforms): a random-resized crop, the whole image
-    when no attempt fits. Without: resize-shorter-to-``spec.resize`` then center crop,
-    expressed as the window of the source it keeps.
-    """
-    if draws is None:
-        scale = spec.resize / min(width, height)
-        w, h = spec.width / scale, spec.height / scale
-        return (width - w) / 2, (height - h) / 2, w, h
-    area = width * height
-    lo, hi = math.log(spec.min_aspect_ratio), math.log(spec.max_aspect_ratio)
-    for u_area, u_ratio, u_x, u_y in draws:
-        target = area * (
-            spec.min_random_area + (spec.max_random_area - spec.min_random_area) * u_area
-        )
-        ratio = math.exp(lo + (hi - lo) * u_ratio)
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return float(int(u_x * (width - w + 1))), float(int(u_y * (height - h + 1))), w, h
-    return 0.0, 0.0, float(width), float(height)
+def reduction(geo: Geometry, spec: AugmentSpec) -> int:
+    """libjpeg's scale denominator (1, 2, 4 or 8) for a JPEG of geometry ``geo``: > 1
+    only where the reduced decode stands in for an area shrink MXNet does anyway (the
+    module docstring gives the rule)."""
+    width, height = geo.source
+    if geo.resized is not None:
+        if geo.interps["resize"] != AREA:
+            return 1
+        shrink = min(width / geo.resized[0], height / geo.resized[1])
+    elif geo.axis_aligned and geo.resize_window and not geo.pad and geo.interps["window"] == AREA:
+        _, _, w, h = geo.window
+        shrink = min(w / spec.width, h / spec.height)
+    else:
+        return 1
+    shrink /= 2  # a DCT-scaled image is sharper than an area average: keep a margin
+    for denom in (8, 4, 2):
+        if shrink >= denom:
+            return denom
+    return 1
 
 
-def _affine(spec: AugmentSpec, angle: float, shear: float) -> np.ndarray:
-    """Forward 2x3 matrix: rotate ``angle`` degrees counter-clockwise, then shear, both
-    about the image center (DALI's rotate and transforms.shear conventions)."""
-    cx, cy = (spec.width - 1) / 2, (spec.height - 1) / 2
-    rot = np.vstack([cv2.getRotationMatrix2D((cx, cy), angle, 1.0), [0, 0, 1]])
-    sh = np.array([[1, shear, -shear * cy], [0, 1, 0], [0, 0, 1]])
-    return (sh @ rot)[:2]
+def _spare(img: np.ndarray, scratch: list[np.ndarray]) -> np.ndarray:
+    """A scratch image of the output size to write a step of ``img`` into: not ``img``
+    itself (OpenCV's steps do not all work in place). Scratch 0 holds the geometry's
+    output, so it is free once a colour step has read it."""
+    return scratch[0] if img is scratch[1] else scratch[1]
 
 
 def _refcounts(arrays: deque) -> list[int]:
@@ -93,22 +136,39 @@ def _refcounts(arrays: deque) -> list[int]:
 _UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
 
 
-def _tables(spec: AugmentSpec) -> np.ndarray:
+def _round_half_away(values: np.ndarray) -> np.ndarray:
+    """C's ``std::round`` (halves away from zero; NumPy rounds them to even)."""
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)
+
+
+def _tables(spec: AugmentSpec, mult: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """``(3, 256)`` tables (RGB): what normalising and casting make of each uint8 value.
 
-    Built with the arithmetic a per-pixel pass would do (``(x - mean) * (1 / std)`` in
-    float32, cast to ``spec.dtype``), so looking values up is bit-identical to it.
+    MXNet's arithmetic (``ProcessImage``): ``(x - mean) * mult + bias`` in float32, cast
+    to the dtype; ``int8``: ``saturate(x - round(mean))``; ``uint8``: the value. A lookup
+    is bit-identical to computing it per pixel.
     """
-    values = np.arange(256, dtype=np.uint8)
-    tables = np.empty((3, 256), spec.dtype)
-    if spec.normalizes:
-        mean = np.array(spec.mean, np.float32).reshape(3, 1)
-        inv_std = (1 / np.array(spec.std, np.float32)).reshape(3, 1)
-        np.subtract(values, mean, out=tables, casting="unsafe")
-        np.multiply(tables, inv_std, out=tables, casting="unsafe")
-    else:
-        tables[...] = values
-    return tables
+    values = np.arange(256, dtype=np.float32)[None, :]
+    mean = np.array(spec.mean, np.float32)[:, None]
+    if spec.dtype == "int8":
+        return np.clip(values - _round_half_away(mean), -128, 127).astype(np.int8)
+    if spec.dtype == "uint8":
+        return np.repeat(values, 3, axis=0).astype(np.uint8)
+    out = (values - mean) * mult.astype(np.float32)[:, None] + bias.astype(np.float32)[:, None]
+    return out.astype(spec.dtype)
+
+
+class _Luts:
+    """The normalising tables of one (mult, bias), in the forms ``cv2.LUT`` takes: one
+    per RGB plane, and one for an RGB image (float16 as its uint16 bits)."""
+
+    def __init__(self, spec: AugmentSpec, mult: np.ndarray, bias: np.ndarray) -> None:
+        self.key = (mult.tobytes(), bias.tobytes())
+        tables = _tables(spec, mult, bias)
+        if tables.dtype == np.float16:
+            tables = tables.view(np.uint16)
+        self.planes = [np.ascontiguousarray(t) for t in tables]  # R, G, B
+        self.rgb = np.ascontiguousarray(tables.T.reshape(256, 1, 3))
 
 
 class CPUBackend:
@@ -121,15 +181,12 @@ class CPUBackend:
         self.label_width = pipe.label_width
         self._dtype = np.dtype(spec.dtype)
         self._nchw = spec.layout == "NCHW"
-        # Normalising as cv2.LUT lookups; float16 tables go through as their uint16 bits.
-        tables = _tables(spec)
-        self._view = np.uint16 if self._dtype == np.float16 else None
-        if self._view is not None:
-            tables = tables.view(self._view)
+        self._view = np.uint16 if self._dtype == np.float16 else None  # float16 LUT bits
         self._lookup = self._dtype != np.uint8  # uint8 holds the pixels as they are
-        self._luts = [np.ascontiguousarray(t) for t in tables]  # R, G, B
-        self._lut3 = np.ascontiguousarray(tables.T.reshape(256, 1, 3))  # for HWC, RGB
-        self._local = threading.local()  # per-thread scratch images, reused
+        self._mean_image = spec.mean_image  # (3, H, W) RGB, float32
+        if spec.mean_image is not None and spec.dtype == "int8":
+            self._mean_image = _round_half_away(spec.mean_image).astype(np.int16)
+        self._local = threading.local()  # per-thread scratch images and tables, reused
         # Batches handed out, reused once nobody holds them any more (see _new_batch).
         self._handed: deque[np.ndarray] = deque(maxlen=pipe.prefetch + 3)
         cv2.setNumThreads(1)  # parallelism comes from our threads
@@ -164,42 +221,19 @@ class CPUBackend:
 
     # ----------------------------------------------------------------------- pixels
     def _scratch(self) -> list[np.ndarray]:
-        """This thread's reusable images: resized, mirrored, and three planes (fresh
-        arrays per image would cost page faults: the allocator hands big ones back)."""
+        """This thread's reusable output-size images (resized/warped, colour, mirrored,
+        three planes, a float plane): fresh arrays per image would cost page faults, as
+        the allocator hands big ones back."""
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             h, w = self.spec.height, self.spec.width
-            scratch = [np.empty((h, w, 3), np.uint8) for _ in range(2)]
+            scratch = [np.empty((h, w, 3), np.uint8) for _ in range(3)]
             scratch += [np.empty((h, w), np.uint8) for _ in range(3)]
+            scratch.append(np.empty((h, w), np.float32))
             self._local.scratch = scratch
         return scratch
 
-    def _plan(self, payload: bytes, draws) -> tuple[ImageInfo, tuple | None, int]:
-        """Before decoding: the image's header info, the crop window on that size (None
-        when the size is unknown), and libjpeg's scale denominator (1, 2, 4 or 8)."""
-        spec = self.spec
-        try:
-            info = sniff(payload)
-        except UnknownImage:  # OpenCV decides (PPM, JPEG 2000...), as DALI's decoder does
-            return ImageInfo("unknown"), None, 1
-        except ImageError as exc:  # a known format, broken (cut short...): refused, as
-            raise ImageError(f"cannot decode image: {exc}") from None  # on DALI
-        if info.format != "jpeg":
-            return info, None, 1
-        window = crop_window(info.width, info.height, spec, draws)
-        _, _, w, h = window
-        for denom in (8, 4, 2):
-            if w / denom >= spec.width and h / denom >= spec.height:
-                return info, window, denom
-        return info, window, 1
-
-    def _pixels(self, payload: bytes, draws, angle: float, shear: float, jitter: np.ndarray,
-                resized: np.ndarray) -> tuple[np.ndarray, bool]:  # fmt: skip
-        """Decode, crop, resize and the geometric and colour steps of one image:
-        ``(height, width, 3)`` uint8, and whether its channels are RGB (else BGR)."""
-        spec = self.spec
-        info, window, denom = self._plan(payload, draws)
-        flags = _REDUCED[denom] if denom > 1 else cv2.IMREAD_COLOR
+    def _decode(self, payload, flags: int) -> np.ndarray:
         try:
             img = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
         except cv2.error:
@@ -209,93 +243,208 @@ class CPUBackend:
         self._local.decoded = img
         if img is None:
             try:
-                sniff(payload)
+                info = sniff(payload)
             except ImageError as exc:
                 raise ImageError(f"cannot decode image: {exc}") from None
             raise ImageError(f"cannot decode image ({info.format})")
-        dh, dw = img.shape[:2]
-        if window is not None and (dw > dh) == (info.width > info.height):
-            x, y, w, h = window
-            sx, sy = dw / info.width, dh / info.height
-        else:  # size unknown before decoding, or EXIF-rotated: choose on the decoded image
-            x, y, w, h = crop_window(dw, dh, spec, draws)
-            sx = sy = 1.0
-        x0, y0 = max(0, round(x * sx)), max(0, round(y * sy))
-        x1, y1 = (
-            min(dw, max(x0 + 1, round((x + w) * sx))),
-            min(dh, max(y0 + 1, round((y + h) * sy))),
-        )
-        out = img[y0:y1, x0:x1]
-        size = (spec.width, spec.height)
-        if out.shape[1] != spec.width or out.shape[0] != spec.height:
-            shrink = out.shape[1] > 2 * spec.width or out.shape[0] > 2 * spec.height
-            interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            out = cv2.resize(out, size, dst=resized, interpolation=interp)
-        # Rotation, shear, brightness and contrast treat the channels alike: they run on
-        # BGR. Saturation mixes channels with an RGB matrix: convert before it.
-        if angle or shear:
-            fill = (float(spec.fill_value),) * 3
-            out = cv2.warpAffine(out, _affine(spec, angle, shear), size, flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=fill)  # fmt: skip
-        if spec.brightness or spec.contrast:
-            b, c = float(jitter[0]), float(jitter[1])
-            gain, offset = b * c, b * 128 * (1 - c)
-            out = cv2.transform(out, np.hstack([np.eye(3) * gain, np.full((3, 1), offset)]))
-        if spec.saturation:
-            out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
-            return cv2.transform(out, saturation_matrix(float(jitter[2]))), True
-        return out, False
+        return img
 
-    def _write(self, img: np.ndarray, rgb: bool, mirror: bool, dst: np.ndarray,
+    def _decoded(self, payload, d: Draws, k: int) -> tuple[np.ndarray, Geometry, int]:
+        """Decode image ``k`` (reduced where :func:`reduction` allows): the pixels (BGR),
+        its geometry, and the scale denominator it was decoded at."""
+        spec = self.spec
+        try:
+            info = sniff(payload)
+        except UnknownImage:  # OpenCV decides (PPM, JPEG 2000...), as DALI's decoder does
+            info = ImageInfo("unknown")
+        except ImageError as exc:  # a known format, broken (cut short...): refused, as
+            raise ImageError(f"cannot decode image: {exc}") from None  # on DALI
+        geo = None
+        denom = 1
+        if info.width and info.height:
+            geo = geometry(spec, d, k, info.width, info.height)
+            if info.format == "jpeg":
+                denom = reduction(geo, spec)
+        img = self._decode(payload, _REDUCED[denom])
+        dh, dw = img.shape[:2]
+        if geo is not None and denom > 1:
+            if (dw, dh) == (-(-info.width // denom), -(-info.height // denom)):
+                return img, geo, denom
+            img = self._decode(payload, _FULL)  # the header did not tell the truth
+            dh, dw = img.shape[:2]
+        if geo is None or (dw, dh) != geo.source:
+            geo = geometry(spec, d, k, dw, dh)
+        return img, geo, 1
+
+    def _geometry(self, img: np.ndarray, geo: Geometry, denom: int,
+                  scratch: list[np.ndarray]) -> np.ndarray:  # fmt: skip
+        """The geometric steps: ``(height, width, 3)`` uint8 BGR of the output size."""
+        spec = self.spec
+        size = (spec.width, spec.height)
+        fill = (spec.fill_value,) * 3
+        if (
+            geo.resized is not None
+            and img.shape[1::-1] != geo.resized
+            and (geo.axis_aligned or denom > 1 or min(np.subtract(geo.resized, geo.source)) < 0)
+        ):  # warped: only a shrink runs as MXNet's step (a warp does not low-pass filter)
+            img = cv2.resize(img, geo.resized, interpolation=geo.interps["resize"])
+        elif denom > 1:  # no resize step: the window is cut from the reduced image
+            x, y, w, h = geo.window
+            dh, dw = img.shape[:2]
+            x0, y0 = min(dw - 1, round(x / denom)), min(dh - 1, round(y / denom))
+            x1 = min(dw, max(x0 + 1, round((x + w) / denom)))
+            y1 = min(dh, max(y0 + 1, round((y + h) / denom)))
+            return cv2.resize(img[y0:y1, x0:x1], size, dst=scratch[0],
+                              interpolation=geo.interps["window"])  # fmt: skip
+        if not geo.axis_aligned:
+            return self._warp(img, geo, scratch[0])
+        if geo.pad:
+            p = geo.pad
+            img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=fill)
+        if geo.enlarged is not None:  # MXNet's two steps: the height, then the width
+            interp = geo.interps["enlarge"]
+            h, w = img.shape[:2]
+            if h < spec.height:  # gpurec.draws.geometry's arithmetic for the first step
+                img = cv2.resize(img, (int(spec.height / h * w), spec.height),
+                                 interpolation=interp)  # fmt: skip
+            if img.shape[1::-1] != geo.enlarged:
+                img = cv2.resize(img, geo.enlarged, interpolation=interp)
+        x, y, w, h = geo.window
+        img = img[y : y + h, x : x + w]
+        if geo.resize_window:
+            img = cv2.resize(img, size, dst=scratch[0], interpolation=geo.interps["window"])
+        return img
+
+    def _warp(self, img: np.ndarray, geo: Geometry, dst: np.ndarray) -> np.ndarray:
+        """Warp, pad, crop and window resize as one ``cv2.warpAffine`` of ``img`` (the
+        source, or MXNet's resized image when that step ran)."""
+        spec = self.spec
+        matrix = np.vstack([geo.matrix, [0, 0, 1]])
+        if img.shape[1::-1] != geo.source:  # the resize step ran: map from its output
+            sx, sy = geo.resized[0] / geo.source[0], geo.resized[1] / geo.source[1]
+            resize = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+            matrix = matrix @ np.linalg.inv(resize)
+        fill = (spec.fill_value,) * 3
+        out = cv2.warpAffine(img, matrix[:2], (spec.width, spec.height), dst=dst,
+                             flags=geo.interps["composed"], borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=fill)  # fmt: skip
+        if geo.pad:  # MXNet's canvas clips the warped image; its padding is fill
+            x, y, w, h = geo.window
+            sx, sy = (w / spec.width, h / spec.height) if geo.resize_window else (1.0, 1.0)
+            cw, ch = geo.canvas
+            ex, ey = 1.0, 1.0  # the enlargement of the padded canvas, if any
+            if geo.enlarged is not None:
+                ex, ey = (cw + 2 * geo.pad) / geo.enlarged[0], (ch + 2 * geo.pad) / geo.enlarged[1]
+            # output pixel u -> window -> enlarged image -> padded canvas -> canvas pixel
+            u = ((np.arange(spec.width) + 0.5) * sx + x) * ex - 0.5 - geo.pad
+            v = ((np.arange(spec.height) + 0.5) * sy + y) * ey - 0.5 - geo.pad
+            out[:, (u < -0.5) | (u > cw - 0.5)] = fill[0]
+            out[(v < -0.5) | (v > ch - 0.5)] = fill[0]
+        return out
+
+    def _colour(self, img: np.ndarray, col: Colour, scratch: list[np.ndarray]) -> np.ndarray:
+        """Brightness/contrast/saturation, HSL offsets and PCA noise, on BGR ``img``."""
+        if col.matrix is not None:
+            b, g, r = cv2.mean(img)[:3]
+            mean_gray = float(LUMA @ np.array([r, g, b], np.float32))
+            m = col.matrix[::-1, ::-1]  # the RGB matrix acting on BGR vectors
+            affine = np.hstack([m, (col.gray[::-1] * mean_gray)[:, None]]).astype(np.float32)
+            img = cv2.transform(img, affine, dst=_spare(img, scratch))
+        if col.hsl is not None:
+            values = np.arange(256, dtype=np.int32)[:, None]
+            table = np.clip(values + col.hsl.astype(np.int32)[None, :], 0,
+                            np.array(_HLS_LIMITS)[None, :])  # fmt: skip
+            hls = cv2.cvtColor(img, cv2.COLOR_BGR2HLS, dst=_spare(img, scratch))
+            img = cv2.LUT(hls, table.astype(np.uint8).reshape(256, 1, 3),
+                          dst=_spare(hls, scratch))  # fmt: skip
+            img = cv2.cvtColor(img, cv2.COLOR_HLS2BGR, dst=_spare(img, scratch))
+        if col.pca is not None:  # MXNet: int v += float offset (truncates), then clamps
+            offsets = col.pca[::-1].astype(np.float32)  # B, G, R
+            values = np.arange(256, dtype=np.float32)[:, None] + offsets[None, :]
+            table = np.clip(np.trunc(values), 0, 255).astype(np.uint8)
+            img = cv2.LUT(img, table.reshape(256, 1, 3), dst=_spare(img, scratch))
+        return img
+
+    def _luts(self, d: Draws, k: int) -> _Luts:
+        """This image's normalising tables: the last ones this thread made, when the
+        normaliser does not jitter (or happened to draw the same)."""
+        luts = getattr(self._local, "luts", None)
+        if luts is None or luts.key != (d.mult[k].tobytes(), d.bias[k].tobytes()):
+            luts = self._local.luts = _Luts(self.spec, d.mult[k], d.bias[k])
+        return luts
+
+    def _write(self, img: np.ndarray, d: Draws, k: int, dst: np.ndarray,
                scratch: list[np.ndarray]) -> None:  # fmt: skip
-        """Mirror, RGB order, normalise, cast and lay out ``img`` into ``dst``."""
+        """Mirror, RGB order, normalise, cast and lay out BGR ``img`` into ``dst``."""
+        mirror = bool(d.mirror[k])
+        if self._mean_image is not None:
+            self._write_mean_image(img, d, k, mirror, dst, scratch)
+            return
         if mirror:
-            img = cv2.flip(img, 1, dst=scratch[1])
+            img = cv2.flip(img, 1, dst=scratch[2])
+        luts = self._luts(d, k) if self._lookup else None
         if self._nchw:
-            planes = cv2.split(img, scratch[2:])
-            if not rgb:
-                planes = planes[::-1]
+            planes = cv2.split(img, scratch[3:6])[::-1]  # R, G, B
             for c in range(3):
                 out = dst[c]
-                if not self._lookup:
+                if luts is None:
                     np.copyto(out, planes[c])
                     continue
                 if self._view is not None:
                     out = out.view(self._view)
-                if cv2.LUT(planes[c], self._luts[c], dst=out) is not out:
+                if cv2.LUT(planes[c], luts.planes[c], dst=out) is not out:
                     raise RuntimeError("cv2.LUT did not write into the batch")  # pragma: no cover
             return
-        if not rgb:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        if not self._lookup:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=_spare(img, scratch))
+        if luts is None:
             np.copyto(dst, img)
             return
         out = dst if self._view is None else dst.view(self._view)
-        if cv2.LUT(img, self._lut3, dst=out) is not out:
+        if cv2.LUT(img, luts.rgb, dst=out) is not out:
             raise RuntimeError("cv2.LUT did not write into the batch")  # pragma: no cover
 
-    def _sample(self, index: int, params: tuple, data: np.ndarray, labels: np.ndarray,
-                i: int, scratch: list[np.ndarray]) -> None:  # fmt: skip
-        draws, mirror, angle, shear, jitter = params
+    def _write_mean_image(self, img: np.ndarray, d: Draws, k: int, mirror: bool,
+                          dst: np.ndarray, scratch: list[np.ndarray]) -> None:  # fmt: skip
+        """``mean_image``: MXNet subtracts ``meanimg[c][i][j]`` from pixel (i, j) and
+        writes the result at the mirrored position, so the mirror comes last."""
+        planes = cv2.split(img, scratch[3:6])[::-1]  # R, G, B
+        work = scratch[6]
+        for c in range(3):
+            if self.spec.dtype == "int8":
+                value = np.clip(planes[c].astype(np.int16) - self._mean_image[c], -128, 127)
+            else:
+                np.subtract(planes[c], self._mean_image[c], out=work, dtype=np.float32)
+                np.multiply(work, d.mult[k, c], out=work)
+                value = np.add(work, d.bias[k, c], out=work)
+            if mirror:
+                value = value[:, ::-1]
+            out = dst[c] if self._nchw else dst[..., c]
+            np.copyto(out, value, casting="unsafe")
+
+    def _sample(self, index: int, d: Draws, k: int, data: np.ndarray, labels: np.ndarray,
+                scratch: list[np.ndarray]) -> None:  # fmt: skip
+        """Record ``index`` as image ``k`` of its batch, with that image's draws."""
         header, payload = self._unpack(index)
-        labels[i] = self._label(header, index)
+        labels[k] = self._label(header, index)
         try:
-            img, rgb = self._pixels(payload, draws, angle, shear, jitter, scratch[0])
+            img, geo, denom = self._decoded(payload, d, k)
         except ImageError as exc:
             raise self._error(index, str(exc)) from None
-        self._write(img, rgb, mirror, data[i], scratch)
+        img = self._geometry(img, geo, denom, scratch)
+        img = self._colour(img, colour(self.spec, d, k), scratch)
+        self._write(img, d, k, data[k], scratch)
 
-    def _task(self, items: list[tuple], data: np.ndarray, labels: np.ndarray,
-              stop_at_error: bool) -> list[tuple[int, Exception]]:  # fmt: skip
+    def _task(self, items: list[tuple[int, int]], d: Draws, data: np.ndarray,
+              labels: np.ndarray, stop_at_error: bool) -> list[tuple[int, Exception]]:  # fmt: skip
         """Several images of a batch, in order; the errors, by position in the batch."""
         errors = []
         scratch = self._scratch()
         try:
-            for i, index, params in items:
+            for k, index in items:
                 try:
-                    self._sample(index, params, data, labels, i, scratch)
+                    self._sample(index, d, k, data, labels, scratch)
                 except Exception as exc:
-                    errors.append((i, exc))
+                    errors.append((k, exc))
                     if stop_at_error:
                         break
         finally:
@@ -303,18 +452,6 @@ class CPUBackend:
         return errors
 
     # ----------------------------------------------------------------------- batches
-    def _draws(self, epoch: int, batch: int, n: int, extra: tuple = ()) -> list[tuple]:
-        spec = self.spec
-        rng = np.random.default_rng([self.pipe.seed, epoch, batch, 1, *extra])
-        crop = rng.random((n, ATTEMPTS, 4)) if spec.rand_crop else [None] * n
-        mirror = rng.random(n) < 0.5 if spec.rand_mirror else np.zeros(n, bool)
-        angle = rng.uniform(-1, 1, n) * spec.max_rotate_angle
-        shear = rng.uniform(-1, 1, n) * spec.max_shear_ratio
-        amount = np.array([spec.brightness, spec.contrast, spec.saturation])
-        jitter = 1 + rng.uniform(-1, 1, (n, 3)) * amount
-        return list(zip(crop, mirror.tolist(), angle.tolist(), shear.tolist(), jitter,
-                        strict=True))  # fmt: skip
-
     def _new_batch(self, n: int) -> np.ndarray:
         """An array for the next batch: one handed out before that nothing refers to any
         more (no variable, view, tensor or buffer export holds a reference; a raw data
@@ -331,21 +468,21 @@ class CPUBackend:
                 return buf
         return np.empty(shape, self._dtype)
 
-    def _submit(self, epoch: int, batch: int, indices: np.ndarray, extra: tuple = ()):
+    def _submit(self, plan: Plan, b: int):
+        indices = plan.batch(b)
         n = len(indices)
         data = self._new_batch(n)
         labels = np.empty((n, self.label_width), np.float32)
-        items = list(zip(range(n), indices.tolist(), self._draws(epoch, batch, n, extra),
-                         strict=True))  # fmt: skip
+        d = self.pipe.draws(plan, b, n)
+        items = list(enumerate(indices.tolist()))
         stop = self.pipe.on_error == "raise"
         futures = [
-            self._pool.submit(self._task, items[k : k + self._chunk], data, labels, stop)
+            self._pool.submit(self._task, items[k : k + self._chunk], d, data, labels, stop)
             for k in range(0, n, self._chunk)
         ]
         return data, labels, futures
 
-    def _collect(self, data, labels, futures: list[Future], plan=None, b: int = 0,
-                 extra: tuple = ()):  # fmt: skip
+    def _collect(self, data, labels, futures: list[Future], plan: Plan, b: int):
         errors: list[tuple[int, Exception]] = []
         try:
             for future in futures:
@@ -364,7 +501,7 @@ class CPUBackend:
         if failed:
             good = sorted(set(range(len(data))) - set(failed))
             if not good:
-                self._stand_in(data, labels, failed, plan, b, extra, errors[0][1])
+                self._stand_in(data, labels, failed, plan, b, errors[0][1])
             for k, i in enumerate(failed):
                 if good:
                     data[i], labels[i] = data[good[k % len(good)]], labels[good[k % len(good)]]
@@ -373,42 +510,39 @@ class CPUBackend:
             self.pipe.skipped += len(failed)
         return data, labels
 
-    def _stand_in(self, data, labels, failed: list[int], plan, b: int, extra: tuple,
+    def _stand_in(self, data, labels, failed: list[int], plan: Plan, b: int,
                   first: Exception) -> None:  # fmt: skip
         """A batch with no good record (a bad last record and its padding): its first
         position gets the nearest record before the batch in the rank's plan (going back,
-        then on from the plan's end) that decodes; the DALI backend picks by this rule."""
-        if plan is not None:
-            params = self._draws(plan.epoch, b, 1, extra)[0]
-            scratch = self._scratch()
-            n, start = len(plan.indices), b * plan.batch_size
-            tried = {int(i) for i in plan.batch(b)}
-            for step in range(1, n + 1):
-                index = int(plan.indices[(start - step) % n])
-                if index in tried:
-                    continue
-                tried.add(index)
-                try:
-                    self._sample(index, params, data, labels, failed[0], scratch)
-                    return
-                except RecordIOError:
-                    continue
+        then on from the plan's end) that decodes, with that position's draws; the DALI
+        backend picks by this rule."""
+        d = self.pipe.draws(plan, b, len(data))
+        scratch = self._scratch()
+        n, start = len(plan.indices), b * plan.batch_size
+        tried = {int(i) for i in plan.batch(b)}
+        for step in range(1, n + 1):
+            index = int(plan.indices[(start - step) % n])
+            if index in tried:
+                continue
+            tried.add(index)
+            try:
+                self._sample(index, d, failed[0], data, labels, scratch)
+                return
+            except RecordIOError:
+                continue
         raise RecordIOError(f"no record of the epoch decodes (first: {first})")
 
-    def run_epoch(self, plan, start: int):
+    def run_epoch(self, plan: Plan, start: int):
         """Yield (data, labels, real count) for batches ``start..`` of ``plan`` (a
         :class:`gpurec.order.Plan`)."""
-        pipe, epoch = self.pipe, plan.epoch
-        # Random draws follow (seed, epoch, batch); a part of an epoch laid out again by
-        # an elastic resume gets draws of its own.
-        extra = (len(plan.segments),) if plan.segments else ()
+        pipe = self.pipe
         pending: deque = deque()
         todo = iter(range(start, plan.batches))
 
         def submit_next() -> None:
             b = next(todo, None)
             if b is not None:
-                pending.append((b, *self._submit(epoch, b, plan.batch(b), extra)))
+                pending.append((b, *self._submit(plan, b)))
 
         try:
             for _ in range(pipe.prefetch):
@@ -416,7 +550,7 @@ class CPUBackend:
             while pending:
                 b, data, labels, futures = pending.popleft()
                 submit_next()
-                data, labels = self._collect(data, labels, futures, plan, b, extra)
+                data, labels = self._collect(data, labels, futures, plan, b)
                 if self.label_width == 1:
                     labels = labels[:, 0]
                 self._handed.append(data)

@@ -3,12 +3,17 @@
 :func:`graph` is the whole data path, written once. ``device="gpu"`` and ``"cpu"``
 differ in one string (the decoders' ``"mixed"`` or ``"cpu"``): every later operator
 runs where its input lives, so on the GPU everything after decoding stays there.
-Random parameters are DALI's own generators, seeded from the Pipeline's seed.
+The graph has no random operator: every random number is gpurec's (:mod:`gpurec.draws`,
+from seed, epoch and batch), turned per image into DALI's arguments (ROI, warp matrix,
+colour matrix, offsets, mirror flag, normalisation) by :func:`parameters` in the reader
+thread, from the image's size in its header, and fed beside the encoded images. So both
+backends apply the same windows, matrices and factors to the same records.
 
 Records come from gpurec, not from a DALI reader: the order (:mod:`gpurec.order`) and
 the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, so both
 backends hand out the same records in the same order. The encoded images of a batch go
-in through ``fn.external_source`` (``feed_input``, one uint8 array per record); the
+in through ``fn.external_source`` (``feed_input``, one uint8 array per record), each
+parameter through one of its own (names: the module constants, :func:`inputs`); the
 labels never enter DALI: they travel beside the batch in a queue.
 
 Prefetching: a reader thread reads, unpacks and checks (:func:`gpurec.transcode.sniff`)
@@ -16,8 +21,9 @@ the next batches while DALI decodes the ``prefetch`` batches fed to it; the stre
 batches runs on into the next epoch, so DALI stays busy across epoch boundaries. When an
 ``iter()`` asks for other batches than the ones in flight (an abandoned epoch, a
 checkpoint loaded), the pipeline is rebuilt from DALI's checkpoint taken after the last
-batch handed out: the random generators continue as if the discarded batches had never
-run, so a resumed run hands out exactly the batches an uninterrupted one does.
+batch handed out. With no random operator in the graph that checkpoint holds no random
+state (the draws follow from the batch's place), so a resumed run hands out exactly the
+batches an uninterrupted one does; the machinery stays for DALI's own state.
 
 Bad records: one whose bytes are not an image (or whose record or label is malformed)
 is found before it is fed; one that passes that check but fails in the decoder makes
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,7 +54,7 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
-from gpurec.backends.cpu import _UNREFERENCED, _refcounts
+from gpurec.draws import LUMA, Draws, geometry
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, UnknownImage, sniff
 
@@ -55,9 +62,57 @@ if TYPE_CHECKING:
     from gpurec.order import Plan
     from gpurec.pipeline import Pipeline
 
-__all__ = ["INPUT", "DALIBackend", "graph"]
+
+def _refcounts(arrays: deque) -> list[int]:
+    """The reference count of each array of ``arrays`` as seen from here."""
+    return [sys.getrefcount(arrays[k]) for k in range(len(arrays))]
+
+
+# What _refcounts says of an array that only its deque holds (measured, not assumed: the
+# count a function sees differs between Python versions).
+_UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
+
+
+def image_size(payload: bytes | memoryview | np.ndarray) -> tuple[int, int]:
+    """(width, height) of an encoded image as decoded without EXIF orientation: from the
+    JPEG/PNG/GIF header, else (BMP, TIFF, WebP, signatures gpurec does not know) from
+    decoding it once with OpenCV. Raises ImageError when neither works."""
+    try:
+        info = sniff(payload)
+        if info.width and info.height:
+            return info.width, info.height
+    except UnknownImage:
+        pass
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
+    if image is None:
+        raise ImageError("cannot decode image: OpenCV cannot read it to find its size")
+    return image.shape[1], image.shape[0]
+
+
+__all__ = ["INPUT", "DALIBackend", "graph", "inputs", "parameters"]
 
 INPUT = "encoded"  # the external_source the encoded images are fed to
+# The per-sample parameters gpurec computes from its draws (gpurec.draws) and feeds beside
+# the encoded images, one external_source each; `inputs(spec)` says which a graph has.
+SLICE_START = "slice_start"  # int32 (y, x): the part of the image decoded (ROI decoding)
+SLICE_SHAPE = "slice_shape"  # int32 (h, w)
+RESIZED = "resized"  # float32 (h, w): step 1's size (the warp path)
+RESIZE_INTERP = "resize_interp"  # int32 DALIInterpType of step 1
+WARP = "warp"  # float32 2x3: destination-to-source map of the warp (DALI's pixel corners)
+CANVAS = "canvas"  # float32 (h, w): the warp's output size
+ROI_START = "roi_start"  # float32 (y, x): the region resampled to the output
+ROI_END = "roi_end"  # float32 (y, x)
+INTERP = "interp"  # int32 DALIInterpType of the last resampling
+COLOUR = "colour"  # float32 3x3: row j is column j of the colour matrix
+GRAY = "gray"  # float32 (3,): coefficient of the mean gray
+HSL = "hsl"  # float32 (3,): H, L, S offsets
+PCA = "pca"  # float32 (3,): RGB offsets
+MIRROR = "mirror"  # int32: flip horizontally
+MEAN = "mean"  # float32 (3,): crop_mirror_normalize's mean, from the draws' mult and bias
+STD = "std"  # float32 (3,)
+MULT = "mult"  # float32 (3,1,1) or (1,1,3): with mean_image, the multiplier in the layout
+BIAS = "bias"  # float32, same shape: with mean_image, the offset
 
 # DALI pipelines alive in this process. A forked child (a DataLoader worker, a
 # multiprocessing pool) inherits them without the threads they wait for: destroying one
@@ -72,62 +127,321 @@ def _keep_inherited_pipelines() -> None:
 
 os.register_at_fork(after_in_child=_keep_inherited_pipelines)
 
+# cv2 interpolation code (NEAREST, LINEAR, CUBIC, AREA, LANCZOS4) -> DALIInterpType value
+# (INTERP_NN, INTERP_LINEAR, INTERP_CUBIC, INTERP_LINEAR + antialias, INTERP_LANCZOS3).
+_DALI_INTERP = np.array([0, 1, 2, 1, 3], np.int32)
+# Pixels each side of a decoded slice beyond the region resampled, per unit of
+# max(1, 1 / scale): the widest filter (Lanczos3, antialiased) reaches 3 of them.
+_SLICE_MARGIN = 3
+# Pixel centres (OpenCV, gpurec.draws) to pixel corners (DALI): x_corner = x_centre + 0.5.
+_CORNER = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
 
-def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None):
-    """The DALI graph: decode (+ random crop), resize, rotate, shear, colour, mirror and
-    normalise, as :mod:`gpurec.augment` specifies; returns the images. ``jpegs``: the
-    encoded images (default: an ``external_source`` named :data:`INPUT`, fed by gpurec;
-    a benchmark may pass a DALI reader's output). Call inside a pipeline."""
+
+def _warped(spec: AugmentSpec) -> bool:
+    """Whether the graph warps (pre-crop affine or padding, both filled with
+    ``fill_value``): else the output is a resized region inside the source."""
+    return spec.affine or spec.pad > 0
+
+
+def _window_resized(spec: AugmentSpec) -> bool:
+    """Whether a window may be resized to the output (a random-resized crop or a crop of
+    random size): then the warp path warps the whole canvas and resamples the window
+    apart, antialiased, as MXNet does; else the crop is folded into the warp."""
+    return spec.crop == "random_resized" or spec.max_crop_size > 0
+
+
+def _antialias(spec: AugmentSpec) -> bool:
+    """DALI's ``antialias`` is one flag per operator, OpenCV's INTER_AREA a per-image
+    choice: on for ``"area"`` and ``"auto"`` (whose shrinks are INTER_AREA), off for the
+    others. ``"random"`` resamples its INTER_AREA images (one in five) as plain linear:
+    the flag on would instead antialias the linear, cubic and Lanczos ones (three in
+    five), which OpenCV does not."""
+    return spec.interp in ("area", "auto")
+
+
+def inputs(spec: AugmentSpec) -> tuple[str, ...]:
+    """The names of the parameter inputs :func:`graph` has for ``spec`` (beside INPUT)."""
+    names: list[str] = []
+    if _warped(spec):
+        if spec.resize:
+            names += [RESIZED, RESIZE_INTERP]
+        names += [WARP, CANVAS]
+        if _window_resized(spec):
+            names += [ROI_START, ROI_END, INTERP]
+    else:
+        names += [SLICE_START, SLICE_SHAPE, ROI_START, ROI_END, INTERP]
+    if spec.color_jitter:
+        names += [COLOUR, GRAY]
+    if spec.hsl_jitter:
+        names.append(HSL)
+    if spec.pca_noise:
+        names.append(PCA)
+    if spec.rand_mirror:
+        names.append(MIRROR)
+    if spec.mean_image is not None:
+        if spec.dtype != "int8":
+            names += [MULT, BIAS]
+    elif spec.dtype in ("float32", "float16") and (spec.normalizes or spec.jitters_normalisation):
+        names += [MEAN, STD]
+    return tuple(names)
+
+
+def _axis_window(m: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in pixel-corner coordinates of the region an axis-aligned forward
+    map ``m`` (2x3, pixel centres) sends onto a ``width`` x ``height`` output."""
+    px, py = 1.0 / m[0, 0], 1.0 / m[1, 1]
+    x0 = (-0.5 - m[0, 2]) * px + 0.5
+    y0 = (-0.5 - m[1, 2]) * py + 0.5
+    return x0, y0, x0 + width * px, y0 + height * py
+
+
+def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-sample arrays :func:`graph` takes for images of ``sizes`` (``(n, 2)``:
+    decoded width, height) augmented with draws ``d``: one array per name of
+    :func:`inputs`, the batch along the first axis. The geometry is gpurec.draws'
+    (MXNet's steps) turned into DALI's arguments; the colour and normalisation arrays are
+    built for the whole batch at once."""
+    n = len(sizes)
+    out: dict[str, np.ndarray] = {}
+    names = inputs(spec)
+    out_w, out_h = spec.width, spec.height
+    roi = np.empty((n, 4), np.float64)  # y0, x0, y1, x1
+    interp = np.empty(n, np.int32)
+    if _warped(spec):
+        warp = np.empty((n, 2, 3), np.float32)
+        canvas = np.empty((n, 2), np.float32)
+        resized = np.empty((n, 2), np.float32)
+        resize_interp = np.empty(n, np.int32)
+        crop_in_warp = not _window_resized(spec)
+        for k in range(n):
+            geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
+            first = np.eye(3)  # source -> step 1's image
+            if geo.resized is not None:
+                w, h = geo.resized
+                sx, sy = w / geo.source[0], h / geo.source[1]
+                first = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+                resized[k] = h, w
+                resize_interp[k] = geo.interps["resize"]
+            total = np.vstack([geo.matrix, [0, 0, 1]])
+            if crop_in_warp:  # everything after step 1 in one warp, straight to the output
+                fwd = total @ np.linalg.inv(first)
+                canvas[k] = out_h, out_w
+            else:  # warp + pad onto the padded canvas; the window is resampled after
+                fwd = np.eye(3) if geo.warp is None else np.vstack([geo.warp, [0, 0, 1]])
+                p = geo.pad
+                fwd = np.array([[1.0, 0, p], [0, 1, p], [0, 0, 1]]) @ fwd
+                canvas[k] = geo.canvas[1] + 2 * p, geo.canvas[0] + 2 * p
+                rest = total @ np.linalg.inv(fwd @ first)
+                x0, y0, x1, y1 = _axis_window(rest, out_w, out_h)
+                roi[k] = y0, x0, y1, x1
+                interp[k] = geo.interps.get("window", geo.interps.get("enlarge", 1))
+            warp[k] = np.linalg.inv(_CORNER @ fwd @ np.linalg.inv(_CORNER))[:2]
+        out[WARP], out[CANVAS] = warp, canvas
+        if RESIZED in names:
+            out[RESIZED], out[RESIZE_INTERP] = resized, _DALI_INTERP[resize_interp]
+    else:
+        for k in range(n):
+            geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
+            x0, y0, x1, y1 = _axis_window(geo.matrix, out_w, out_h)
+            roi[k] = y0, x0, y1, x1
+            interp[k] = geo.interps["composed"]
+        # Decode only the region and the reach of the resampling filter around it (ROI
+        # decoding): the resize sees the same pixels as in the whole image.
+        hw = sizes[:, ::-1].astype(np.float64)
+        scale = np.array([out_h, out_w]) / np.maximum(roi[:, 2:] - roi[:, :2], 1e-9)
+        margin = np.ceil(_SLICE_MARGIN * np.maximum(1.0, 1.0 / scale)) + 1
+        lo = np.clip(np.floor(roi[:, :2] - margin), 0, hw - 1)
+        hi = np.clip(np.ceil(roi[:, 2:] + margin), lo + 1, hw)
+        out[SLICE_START] = lo.astype(np.int32)
+        out[SLICE_SHAPE] = (hi - lo).astype(np.int32)
+        roi[:, :2] -= lo
+        roi[:, 2:] -= lo
+    if ROI_START in names:
+        out[ROI_START] = roi[:, :2].astype(np.float32)
+        out[ROI_END] = roi[:, 2:].astype(np.float32)
+        out[INTERP] = _DALI_INTERP[interp]
+    if spec.color_jitter:
+        b, c, s = (d.jitter[:n, j, None, None] for j in range(3))
+        matrix = b * c * (s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA))  # as colour()
+        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1), np.float32)
+        out[GRAY] = np.repeat(b[:, :, 0] * (1 - c[:, :, 0]), 3, axis=1).astype(np.float32)
+    if spec.hsl_jitter:
+        out[HSL] = d.hsl[:n].astype(np.float32)
+    if spec.pca_noise:
+        out[PCA] = np.ascontiguousarray(d.pca[:n], np.float32)
+    if spec.rand_mirror:
+        out[MIRROR] = d.mirror[:n].astype(np.int32)
+    mult, bias = d.mult[:n], d.bias[:n]
+    if MEAN in names:  # (x - mean) * mult + bias as crop_mirror_normalize's (x - m) / s
+        out[MEAN] = (np.array(spec.mean, np.float32) - bias / mult).astype(np.float32)
+        out[STD] = (1 / mult).astype(np.float32)
+    if MULT in names:
+        shape = (n, 3, 1, 1) if spec.layout == "NCHW" else (n, 1, 1, 3)
+        out[MULT] = np.ascontiguousarray(mult.reshape(shape), np.float32)
+        out[BIAS] = np.ascontiguousarray(bias.reshape(shape), np.float32)
+    return out
+
+
+def _round_even(fn, x):
+    """OpenCV's cvRound (halves to even) in DALI arithmetic; DALI's casts round halves
+    away from zero."""
+    from nvidia.dali import math as dmath
+
+    r = dmath.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2 * dmath.floor(r * 0.5)) == 1
+    return r - tie * odd
+
+
+def _hls_jitter(fn, types, images, offsets):
+    """OpenCV's 8-bit RGB -> HLS, ``offsets`` (H, L, S) added and clamped to 180, 255,
+    255 as MXNet does, HLS -> RGB, in DALI arithmetic (there is no HLS operator); the
+    formulas and roundings are OpenCV's ``RGB2HLS_f``/``HLS2RGB_f`` on values / 255."""
+    from nvidia.dali import math as dmath
+
+    x = images * (1 / 255)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    vmax = dmath.max(dmath.max(r, g), b)
+    vmin = dmath.min(dmath.min(r, g), b)
+    diff = vmax - vmin
+    light = (vmax + vmin) * 0.5
+    chroma = diff > 1.1920929e-07  # FLT_EPSILON: else h = s = 0
+    low = light < 0.5
+    sat = chroma * diff / dmath.max(low * (vmax + vmin) + (1 - low) * (2 - vmax - vmin), 1e-7)
+    k = 60 / dmath.max(diff, 1e-7)
+    is_r = vmax == r
+    is_g = (vmax == g) * (1 - is_r)
+    is_b = 1 - is_r - is_g
+    hue = is_r * ((g - b) * k) + is_g * ((b - r) * k + 120) + is_b * ((r - g) * k + 240)
+    hue = chroma * (hue + (hue < 0) * 360)
+    h8 = dmath.clamp(_round_even(fn, hue * 0.5) + offsets[0], 0, 180)
+    l8 = dmath.clamp(_round_even(fn, light * 255) + offsets[1], 0, 255)
+    s8 = dmath.clamp(_round_even(fn, sat * 255) + offsets[2], 0, 255)
+    # HLS2RGB_f with hscale 6 / 180
+    light, sat = l8 * (1 / 255), s8 * (1 / 255)
+    p2 = (light <= 0.5) * (light * (1 + sat)) + (light > 0.5) * (light + sat - light * sat)
+    p1 = 2 * light - p2
+    h = h8 * (6 / 180)
+    h = h - (h >= 6) * 6
+    sector = dmath.floor(h)
+    frac = h - sector
+    tab = (p2, p1, p1 + (p2 - p1) * (1 - frac), p1 + (p2 - p1) * frac)
+    sectors = ((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0))  # OpenCV's
+    grey = s8 == 0
+    channels = []
+    for c in (2, 1, 0):  # sector_data gives B, G, R
+        value = None
+        for s, row in enumerate(sectors):
+            term = (sector == s) * tab[row[c]]
+            value = term if value is None else value + term
+        channels.append(grey * light + (1 - grey) * value)
+    rgb = fn.stack(*channels, axis=2)
+    return fn.cast(_round_even(fn, rgb * 255), dtype=types.UINT8)
+
+
+def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None):
+    """The DALI graph of :mod:`gpurec.augment`'s steps, with the parameters gpurec
+    computed (:func:`parameters`); returns the images. Call inside a pipeline.
+
+    ``jpegs``: the encoded images (default: an ``external_source`` named :data:`INPUT`,
+    fed by gpurec; a benchmark may pass a DALI reader's output). ``params``: the
+    parameter inputs by name (default: one ``external_source`` each, named as
+    :func:`inputs` lists them). ``device``: ``"gpu"`` decodes with ``"mixed"`` and every
+    later operator runs where its input lives; the parameters that enter arithmetic
+    (colour) are moved beside the images.
+
+    Geometry: without warp (no pre-crop affine, no padding) the output is a region of the
+    source resampled once (``fn.resize`` with an absolute ROI: the sample positions of
+    MXNet's "resize whole, crop window", one resampling instead of two), and only that
+    region and its filter's reach are decoded (``decoders.image_slice``). With a warp:
+    step 1's resize, then ``fn.warp_affine`` filled with ``fill_value`` (only nearest and
+    linear exist there), straight to the output when the crop is of the data shape at
+    native resolution, else onto the padded canvas, whose window ``fn.resize`` then
+    resamples (antialiased like INTER_AREA).
+    """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
+    names = inputs(spec)
+    if params is None:
+        params = {}
+        for name in names:
+            dtype = types.INT32 if name in (SLICE_START, SLICE_SHAPE, RESIZE_INTERP, INTERP,
+                                            MIRROR) else types.FLOAT  # fmt: skip
+            ndim = {MIRROR: 0, RESIZE_INTERP: 0, INTERP: 0, WARP: 2, COLOUR: 2, MULT: 3,
+                    BIAS: 3}.get(name, 1)  # fmt: skip
+            params[name] = fn.external_source(name=name, dtype=dtype, ndim=ndim)
+    here = (lambda node: node.gpu()) if decoder == "mixed" else (lambda node: node)
     if jpegs is None:
         # no_copy: DALI reads gpurec's arrays in place (the backend keeps them alive)
         jpegs = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
     h, w = spec.height, spec.width
-    if spec.rand_crop:
-        images = fn.decoders.image_random_crop(
+    antialias = _antialias(spec)
+    interp = lambda name: fn.cast(params[name], dtype=types.INTERP_TYPE)  # noqa: E731
+    if _warped(spec):
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
+                                   adjust_orientation=False)  # fmt: skip
+        if spec.resize:
+            images = fn.resize(images, size=params[RESIZED], interp_type=interp(RESIZE_INTERP),
+                               antialias=antialias)  # fmt: skip
+        images = fn.warp_affine(
+            images,
+            matrix=params[WARP],
+            size=params[CANVAS],
+            fill_value=spec.fill_value,
+            interp_type=types.INTERP_NN if spec.interp == "nearest" else types.INTERP_LINEAR,
+        )
+        if _window_resized(spec):
+            images = fn.resize(images, size=(h, w), roi_start=params[ROI_START],
+                               roi_end=params[ROI_END], roi_relative=False,
+                               interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
+    else:
+        images = fn.decoders.image_slice(
             jpegs,
             device=decoder,
             output_type=types.RGB,
-            random_area=[spec.min_random_area, spec.max_random_area],
-            random_aspect_ratio=[spec.min_aspect_ratio, spec.max_aspect_ratio],
-            num_attempts=10,
+            adjust_orientation=False,
+            start=params[SLICE_START],
+            shape=params[SLICE_SHAPE],
+            axis_names="HW",
         )
-        images = fn.resize(images, resize_x=w, resize_y=h)
+        images = fn.resize(images, size=(h, w), roi_start=params[ROI_START],
+                           roi_end=params[ROI_END], roi_relative=False,
+                           interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
+    if spec.color_jitter:  # out = M x + g * mean gray, rounded and saturated to uint8
+        columns = here(params[COLOUR])
+        mean = fn.reductions.mean(images, axes=(0, 1))
+        gray = float(LUMA[0]) * mean[0] + float(LUMA[1]) * mean[1] + float(LUMA[2]) * mean[2]
+        mixed = (images[:, :, 0:1] * columns[0] + images[:, :, 1:2] * columns[1]
+                 + images[:, :, 2:3] * columns[2] + here(params[GRAY]) * gray)  # fmt: skip
+        images = fn.cast(_round_even(fn, mixed), dtype=types.UINT8)
+    if spec.hsl_jitter:
+        images = _hls_jitter(fn, types, images, here(params[HSL]))
+    if spec.pca_noise:  # MXNet: int(x + offset) (truncation; negatives clamp to 0 anyway)
+        from nvidia.dali import math as dmath
+
+        images = fn.cast(dmath.clamp(dmath.floor(images + here(params[PCA])), 0, 255),
+                         dtype=types.UINT8)  # fmt: skip
+    dtypes = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": types.UINT8,
+              "int8": types.INT8}  # fmt: skip
+    layout = "CHW" if spec.layout == "NCHW" else "HWC"
+    mirror = params[MIRROR] if spec.rand_mirror else int(spec.mirror)
+    if spec.mean_image is not None:
+        mean_image = spec.mean_image if layout == "CHW" else spec.mean_image.transpose(1, 2, 0)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout,
+                                          mirror=mirror)  # fmt: skip
+        if spec.dtype == "int8":  # x - round(mean image), saturated
+            images = images - types.Constant(np.round(mean_image).astype(np.float32))
+        else:
+            images = images - types.Constant(np.ascontiguousarray(mean_image, np.float32))
+            images = images * here(params[MULT]) + here(params[BIAS])
+        return fn.cast(images, dtype=dtypes[spec.dtype])
+    if MEAN in names:
+        mean, std = params[MEAN], params[STD]
+    elif spec.dtype == "int8":
+        mean, std = [float(v) for v in np.round(spec.mean)], [1.0, 1.0, 1.0]
     else:
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=spec.resize)
-        images = fn.crop(images, crop=(h, w), crop_pos_x=0.5, crop_pos_y=0.5)
-    if spec.max_rotate_angle:
-        angle = fn.random.uniform(range=(-spec.max_rotate_angle, spec.max_rotate_angle))
-        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=spec.fill_value)
-    if spec.max_shear_ratio:
-        s = fn.random.uniform(range=(-spec.max_shear_ratio, spec.max_shear_ratio), shape=[2])
-        s = s * types.Constant(np.array([1.0, 0.0], np.float32))  # horizontal shear only
-        matrix = fn.transforms.shear(shear=s, center=[w / 2, h / 2])
-        images = fn.warp_affine(
-            images, matrix=matrix, inverse_map=False, fill_value=spec.fill_value
-        )
-    if spec.brightness or spec.contrast:
-        factors = {
-            name: fn.random.uniform(range=(1 - amount, 1 + amount))
-            for name, amount in (("brightness", spec.brightness), ("contrast", spec.contrast))
-            if amount
-        }
-        images = fn.brightness_contrast(images, contrast_center=128.0, **factors)
-    if spec.saturation:
-        images = fn.saturation(
-            images, saturation=fn.random.uniform(range=(1 - spec.saturation, 1 + spec.saturation))
-        )
-    dtypes = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": types.UINT8}
-    images = fn.crop_mirror_normalize(
-        images,
-        dtype=dtypes[spec.dtype],
-        output_layout="CHW" if spec.layout == "NCHW" else "HWC",
-        mean=list(spec.mean),
-        std=list(spec.std),
-        mirror=fn.random.coin_flip(probability=0.5) if spec.rand_mirror else 0,
-    )
-    return images
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    return fn.crop_mirror_normalize(images, dtype=dtypes[spec.dtype], output_layout=layout,
+                                    mean=mean, std=std, mirror=mirror)  # fmt: skip
 
 
 def _dali_reason(exc: BaseException) -> str:
@@ -152,15 +466,22 @@ class _Batch:
     payloads: list[np.ndarray]
     labels: np.ndarray
     real: int
+    params: dict[str, np.ndarray]  # the graph's parameter inputs (see parameters())
     skipped: int = 0
     error: Exception | None = None  # raised when this batch is reached (on_error="raise")
+
+    def feed(self, pipeline, positions: slice = slice(None)) -> None:
+        """Feed the encoded images and the parameters of ``positions`` to ``pipeline``."""
+        pipeline.feed_input(INPUT, self.payloads[positions])
+        for name, values in self.params.items():
+            pipeline.feed_input(name, values[positions])
 
 
 class DALIBackend:
     """Feeds gpurec's batches to :func:`graph` in a DALI pipeline; hands out owned arrays.
 
-    Checkpoints hold DALI's own state (the random generators of the augmentations, as
-    of the last batch handed out); the position in the epoch is the Pipeline's.
+    Checkpoints hold DALI's own state as of the last batch handed out (no random
+    generators: the draws are gpurec's); the position in the epoch is the Pipeline's.
     """
 
     def __init__(self, pipe: Pipeline) -> None:
@@ -273,6 +594,7 @@ class DALIBackend:
         n = len(indices)
         payloads: list[np.ndarray | None] = [None] * n
         labels = np.empty((n, pipe.label_width), np.float32)
+        sizes = np.empty((n, 2), np.int64)  # decoded width, height: the geometry needs them
         failed: list[tuple[int, Exception]] = []
         for k, index in enumerate(indices):
             if index in self._bad:
@@ -285,9 +607,7 @@ class DALIBackend:
                 continue
             try:
                 labels[k] = self._label(header, index)
-                sniff(payload)  # an unknown signature goes on: DALI's decoder decides
-            except UnknownImage:
-                pass
+                sizes[k] = image_size(payload)
             except RecordIOError as exc:
                 failed.append((k, exc))
                 continue
@@ -295,9 +615,11 @@ class DALIBackend:
                 failed.append((k, self._error(index, f"cannot decode image: {exc}")))
                 continue
             payloads[k] = np.frombuffer(payload, np.uint8)
-        out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b])
+        draws = pipe.draws(plan, b, n)
         if not failed:
-            return out
+            params = parameters(pipe.spec, draws, sizes)
+            return _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b],
+                          params)  # fmt: skip
         # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic);
         # a batch with none gets the nearest earlier good record of the rank's plan.
         good = [k for k in range(n) if payloads[k] is not None]
@@ -305,13 +627,16 @@ class DALIBackend:
         if not good and pipe.on_error == "skip":
             stand_in = self._stand_in(plan, b, set(indices))
         for j, (k, _) in enumerate(failed):
-            if good:
+            if good:  # the position keeps its own draws, applied to the image it now holds
                 src = good[j % len(good)]
                 payloads[k], labels[k], indices[k] = payloads[src], labels[src], indices[src]
+                sizes[k] = sizes[src]
             elif stand_in is not None:
-                indices[k], payloads[k], labels[k] = stand_in
+                indices[k], payloads[k], labels[k], sizes[k] = stand_in
             else:
-                payloads[k] = self._filler
+                payloads[k], sizes[k] = self._filler, (8, 8)
+        params = parameters(pipe.spec, draws, sizes)
+        out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b], params)
         if pipe.on_error == "raise":
             out.error = failed[0][1]
         elif not good and stand_in is None:
@@ -322,7 +647,8 @@ class DALIBackend:
     def _stand_in(self, plan: Plan, b: int, tried: set[int]):
         """For a batch with no good record (a bad last record and its padding): the
         nearest record before it in the rank's plan (going back, then on from the plan's
-        end) that reads and is not known bad, as (index, payload, label); the CPU backend
+        end) that reads and is not known bad, as (index, payload, label, (width, height));
+        the CPU backend
         picks by the same rule. If DALI then fails on it, it is known bad and the next
         is taken."""
         n = len(plan.indices)
@@ -335,12 +661,10 @@ class DALIBackend:
             try:
                 header, payload = unpack_view(self.dataset.read_view(index))
                 label = self._label(header, index)
-                sniff(payload)
-            except UnknownImage:
-                pass
+                size = image_size(payload)
             except (RecordIOError, ImageError):
                 continue
-            return index, np.frombuffer(payload, np.uint8), label
+            return index, np.frombuffer(payload, np.uint8), label, size
         return None
 
     def _stream_from(self, plan: Plan, start: int):
@@ -359,7 +683,7 @@ class DALIBackend:
         self._read_ahead()
         batch = self._ahead.popleft().result()
         self._read_ahead()
-        self._pipeline.feed_input(INPUT, batch.payloads)
+        batch.feed(self._pipeline)
         self._inflight.append(batch)
 
     def _top_up(self) -> None:
@@ -420,13 +744,13 @@ class DALIBackend:
         found: dict[int, str] = {}
         tried: set[int] = set()
         probe = None
-        for index, payload in zip(batch.indices, batch.payloads, strict=True):
+        for k, (index, payload) in enumerate(zip(batch.indices, batch.payloads, strict=True)):
             if index in tried or payload is self._filler:
                 continue
             tried.add(index)
             if probe is None:
                 probe = self._new_pipeline(None, 1, 1)
-            probe.feed_input(INPUT, [payload])
+            batch.feed(probe, slice(k, k + 1))  # with the parameters of its position
             try:
                 probe.run()
             except RuntimeError as exc:

@@ -1,15 +1,18 @@
-"""MXNet's recordio and image API on gpurec: ``import gpurec.mxnet as mx``.
+"""MXNet's recordio, image and io API on gpurec: ``import gpurec.mxnet as mx``.
 
-Code written for Apache MXNet 1.9.1's ``mx.recordio`` and ``mx.image.imdecode`` (the
-InsightFace ``MXFaceDataset`` and its many copies, im2rec-style writers) runs unchanged
-after replacing ``import mxnet as mx`` with ``import gpurec.mxnet as mx``. Only the
-parts of MXNet those programs use are here; ``mx.io`` comes later.
+Code written for Apache MXNet 1.9.1's ``mx.recordio``, ``mx.image.imdecode`` (the
+InsightFace ``MXFaceDataset`` and its many copies, im2rec-style writers) and
+``mx.io.ImageRecordIter`` (the image-classification scripts) runs unchanged after
+replacing ``import mxnet as mx`` with ``import gpurec.mxnet as mx``. Only the parts of
+MXNet those programs use are here; ``mx.cpu()``/``mx.gpu(i)`` only say where
+``ImageRecordIter`` puts its arrays.
 
 Importing this package loads NumPy and OpenCV, never DALI, CuPy or PyTorch.
 """
 
-from gpurec.mxnet import image, recordio
+from gpurec.mxnet import image, io, recordio
+from gpurec.mxnet.io import Context, cpu, gpu
 
 img = image  # MXNet's own alias: ``mx.img.imdecode`` is ``mx.image.imdecode``
 
-__all__ = ["image", "img", "recordio"]
+__all__ = ["Context", "cpu", "gpu", "image", "img", "io", "recordio"]
