@@ -28,6 +28,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_load import (
@@ -40,23 +42,14 @@ from bench_load import (
     wait_quiet,
 )
 
-# The seed's configuration (docs/walkthrough.md), at ImageNet's shape.
-SEED = dict(
-    data_shape=(3, 224, 224),
-    shuffle=True,
-    resize=300,
-    rand_crop=True,
-    rand_mirror=True,
-    max_rotate_angle=50,
-    max_shear_ratio=0.5,
-    saturation=0.3,
-    mean_r=123.68,
-    mean_g=116.28,
-    mean_b=103.53,
-    std_r=58.395,
-    std_g=57.12,
-    std_b=57.375,
-)
+# The seed's configuration (docs/walkthrough.md), MXNet's keywords, less the batch size.
+SEED = {
+    k: tuple(v) if isinstance(v, list) else v
+    for k, v in yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "configs" / "pets-imagerecorditer.yaml").read_text()
+    )["ImageRecordIter"].items()
+    if k != "batch_size"
+}
 
 SCRIPT = """
 import json, sys, time

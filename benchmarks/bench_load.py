@@ -78,9 +78,10 @@ TRAIN = dict(
 )
 # The project's seed (MXNet's ImageRecordIter recipe): shorter edge to 300, rotation and
 # shear of the whole image filled with white, a random 224 window at that resolution.
-SEED = dict(
+SEED = dict(  # configs/pets-imagerecorditer.yaml's geometry, in Pipeline keywords
     crop="random",
     resize=300,
+    interp="linear",  # MXNet's inter_method=1 (the default), OpenCV's INTER_LINEAR
     rand_mirror=True,
     max_rotate_angle=50,
     max_shear_ratio=0.5,
@@ -316,7 +317,9 @@ def raw_seed_graph(fn, types, images):
     window's offset) filled with white straight to 224 x 224, mirror, normalise. gpurec's
     graph for SEED runs the same operators (resize, warp_affine, crop_mirror_normalize)
     with its own parameters fed through external_source."""
-    images = fn.resize(images, resize_shorter=300)
+    # interp="linear" is OpenCV's INTER_LINEAR, which does not antialias: DALI's resize
+    # does by default, so the same graph turns it off.
+    images = fn.resize(images, resize_shorter=300, antialias=False)
     shape = fn.cast(fn.shapes(images), dtype=types.FLOAT)
     height, width = shape[0], shape[1]
     center = fn.stack(width * 0.5, height * 0.5)
@@ -368,7 +371,7 @@ def child_dali_raw(a: argparse.Namespace) -> dict:
                 random_aspect_ratio=[3 / 4, 4 / 3],
                 num_attempts=10,
             )
-            images = fn.resize(images, resize_x=224, resize_y=224)
+            images = fn.resize(images, resize_x=224, resize_y=224, antialias=False)
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,

@@ -29,13 +29,16 @@ order, so that ``gpurec.mxnet.io.ImageRecordIter`` is a translation of keywords 
      ``min_crop_size``/``max_crop_size``, a square window of a random side in that range
      (both 0: off), resized to the data shape.
 
-   Every resize uses ``interp``: ``"nearest"``, ``"linear"``, ``"cubic"``, ``"area"``,
-   ``"lanczos"``, ``"auto"`` (cubic to enlarge, area to shrink, else linear) or
-   ``"random"`` (one of the first five per image);
+   Every resize uses ``interp``: ``"nearest"``, ``"linear"`` (the default, MXNet's
+   too: the cheapest, and what DALI's random-resized crop recipes use), ``"cubic"``,
+   ``"area"``, ``"lanczos"``, ``"auto"`` (cubic to enlarge, area to shrink, else
+   linear) or ``"random"`` (one of the first five per image);
 5. **colour**: brightness factor in ``1 ± brightness``, contrast factor in ``1 ± contrast``
    about the image's mean gray, saturation factor in ``1 ± saturation`` (a blend with the
-   gray image); MXNet applies the three in a random order, but without clipping they
-   commute, so gpurec applies them as one and clips once. Then HSL offsets
+   gray image; gray is the luma ``0.299 R + 0.587 G + 0.114 B``, where MXNet applies
+   these weights to its BGR pixels, blue first); MXNet applies the three in a random
+   order, but without clipping they commute, so gpurec applies them as one and clips
+   once. Then HSL offsets
    (``random_h`` in OpenCV's 0-180 hue units, ``random_s``, ``random_l`` in 0-255, each
    drawn as MXNet does) and PCA lighting noise (``pca_noise``: AlexNet's eigenvectors,
    weights drawn from ``N(0, pca_noise)``);
@@ -126,7 +129,7 @@ class AugmentSpec:
     max_img_size: float = 1e10
     pad: int = 0
     fill_value: float = 0.0
-    interp: str = "auto"
+    interp: str = "linear"
     rand_mirror: bool | None = None
     mirror: bool = False
     brightness: float = 0.0

@@ -431,7 +431,11 @@ def show(
     seed: Annotated[int, typer.Option(help="Pipeline seed.")] = 0,
     device: Annotated[str, typer.Option(help="'cpu' or 'gpu'.")] = "cpu",
 ) -> None:
-    """A PNG grid of samples as the Pipeline produces them, captioned with class names."""
+    """A PNG grid of samples as the Pipeline produces them, captioned with class names.
+
+    ``--config`` takes a Pipeline preset, or one whose only key is ``ImageRecordIter``
+    holding MXNet's keywords (configs/pets-imagerecorditer.yaml): then the images are
+    the ones ``gpurec.mxnet.io.ImageRecordIter`` hands a training script."""
     from gpurec.config import load_config
     from gpurec.grid import picture, write_grid
     from gpurec.inspection import find_classes
@@ -441,17 +445,38 @@ def show(
         if n < 1:
             raise ValueError(f"-n must be >= 1, got {n}")
         options = load_config(config) if config else {}
-        options.update(source=source, batch_size=n, seed=seed, device=device,
-                       last_batch="partial", num_shards=1, shard_id=0)  # fmt: skip
-        options.pop("backend", None)
-        options.setdefault("on_error", "skip")  # show what can be shown, say what could not
-        with Pipeline.from_config_dict(options, str(config or "show")) as pipe:
+        if "ImageRecordIter" in options:
+            pipe = _mxnet_pipeline(options, str(config), source, n, seed, device)
+        else:
+            options.update(source=source, batch_size=n, seed=seed, device=device,
+                           last_batch="partial", num_shards=1, shard_id=0)  # fmt: skip
+            options.pop("backend", None)
+            options.setdefault("on_error", "skip")  # show what can be shown, say what could not
+            pipe = Pipeline.from_config_dict(options, str(config or "show"))
+        with pipe:
             batch = next(iter(pipe))
             classes = find_classes(pipe.dataset.paths[0])
             path = write_grid(output, picture(batch, pipe.spec, classes, raw=raw))
     h, w = pipe.spec.height, pipe.spec.width
     skipped = f" ({pipe.skipped} unreadable record(s) skipped)" if pipe.skipped else ""
     typer.echo(f"wrote {path}: {len(batch.label)} images of {h}x{w}{skipped}")
+
+
+def _mxnet_pipeline(options: dict, origin: str, source: str, n: int, seed: int, device: str):
+    """The Pipeline under ``gpurec.mxnet.io.ImageRecordIter`` for a config of MXNet's
+    keywords (``{"ImageRecordIter": {...}}``), reading ``source`` ``n`` images at a time."""
+    import gpurec.mxnet as mx
+
+    if set(options) != {"ImageRecordIter"} or not isinstance(options["ImageRecordIter"], dict):
+        raise ValueError(f"{origin}: an ImageRecordIter config holds one key, ImageRecordIter, "
+                         "a mapping of MXNet's keywords")  # fmt: skip
+    rec = source if source.endswith(".rec") else source + ".rec"
+    kwargs = {**options["ImageRecordIter"], "path_imgrec": rec, "path_imgidx": "",
+              "batch_size": n, "seed": seed, "round_batch": False, "verbose": False,
+              "ctx": mx.gpu(0) if device == "gpu" else mx.cpu()}  # fmt: skip
+    if "data_shape" in kwargs:
+        kwargs["data_shape"] = tuple(kwargs["data_shape"])
+    return mx.io.ImageRecordIter(**kwargs).pipe
 
 
 @app.command(

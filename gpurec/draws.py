@@ -22,11 +22,11 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 
-__all__ = ["ATTEMPTS", "Colour", "Draws", "Geometry", "colour", "draw", "geometry"]
+__all__ = ["ATTEMPTS", "INTERP_CODES", "Colour", "Draws", "Geometry", "colour", "draw", "geometry"]
 
 ATTEMPTS = 10  # random-resized crop: windows tried before falling back (MXNet's 10)
 NEAREST, LINEAR, CUBIC, AREA, LANCZOS = range(5)  # cv2.INTER_* values, MXNet's codes
-_INTERP_CODES = {"nearest": NEAREST, "linear": LINEAR, "cubic": CUBIC, "area": AREA,
+INTERP_CODES = {"nearest": NEAREST, "linear": LINEAR, "cubic": CUBIC, "area": AREA,
                  "lanczos": LANCZOS}  # fmt: skip
 
 # AlexNet's PCA lighting: eigenvectors (rows R, G, B) times eigenvalues, as MXNet holds them.
@@ -142,7 +142,7 @@ def _interp(spec: AugmentSpec, d: Draws, k: int, old: tuple[float, float],
     if spec.interp == "random":
         return int(d.interp[k])
     if spec.interp != "auto":
-        return _INTERP_CODES[spec.interp]
+        return INTERP_CODES[spec.interp]
     if new[0] > old[0] and new[1] > old[1]:
         return CUBIC
     if new[0] < old[0] and new[1] < old[1]:

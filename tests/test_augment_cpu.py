@@ -24,6 +24,7 @@ import pytest
 from helpers import write_records
 
 from gpurec import Pipeline
+from gpurec.augment import AugmentSpec
 
 # ------------------------------------------------------------------ MXNet, ported
 
@@ -262,7 +263,7 @@ def mx_params(spec_kwargs: dict, data_shape) -> MXParams:
     """MXNet's keywords for a Pipeline's augmentation keywords (only those used here)."""
     kw = dict(spec_kwargs)
     crop = kw.pop("crop", "center")
-    interp = kw.pop("interp", "auto")
+    interp = kw.pop("interp", AugmentSpec.interp)
     p = MXParams(data_shape=tuple(data_shape))
     p.inter_method = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3, "lanczos": 4,
                       "auto": 9, "random": 10}[interp]  # fmt: skip

@@ -43,6 +43,12 @@ def test_porting_page_runs_as_written(golden: Path, tmp_path: Path) -> None:
     assert lines[6] == "12"
     assert lines[7].startswith("cut.rec: at byte 28464: the file is cut short or broken")
     assert lines[8] == "8 1"
+    assert lines[9] == "data (4, 3, 96, 96)"  # get_rec_iter, as MXNet's example wrote it
+    batches = [line.split(") ") for line in lines[10:13]]
+    assert all(shape == "(4, 3, 96, 96" for shape, _ in batches) and len(lines) == 13
+    labels = sorted(float(v) for _, rest in batches for v in rest.rsplit("]", 1)[0][1:].split(","))
+    assert labels == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
+    assert all(rest.endswith("] 0") for _, rest in batches)  # 12 faces, no padding
     assert (faces / "shuffled.rec.gpurec-index.npz").is_file()
 
     commands = [line for block in blocks("bash") for line in block.splitlines() if line.strip()]

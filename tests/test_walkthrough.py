@@ -66,11 +66,15 @@ def test_walkthrough_commands_run_as_written(tmp_path: Path) -> None:
     assert all(breed in classes for breed in BREEDS)
     five = cv2.imread(str(tmp_path / "five.png"))
     assert five.shape == (2 * (224 + 18), 3 * 224, 3)
-    (code,) = blocks("python")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("(32, 3, 224, 224) float32")
+    mxnet_way, pipeline_way = blocks("python")
+    printed = []
+    for code in (mxnet_way, pipeline_way):
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("(32, 3, 224, 224) float32")
+        printed.append(out.stdout)
+    assert printed[0] == printed[1]  # the same records, the iterator being the Pipeline
 
 
 @pytest.mark.skipif(

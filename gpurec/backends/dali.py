@@ -54,7 +54,7 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
-from gpurec.draws import LUMA, Draws, geometry
+from gpurec.draws import INTERP_CODES, LUMA, Draws, geometry
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, UnknownImage, sniff
 
@@ -159,17 +159,32 @@ def _antialias(spec: AugmentSpec) -> bool:
     return spec.interp in ("area", "auto")
 
 
+def _interp_per_image(spec: AugmentSpec) -> bool:
+    """Whether the interpolation varies from image to image (``"auto"`` chooses by the
+    change of size, ``"random"`` draws): then it is fed, else it is a constant of the
+    graph (cheaper: no per-sample argument)."""
+    return spec.interp in ("auto", "random")
+
+
+def _jittered(spec: AugmentSpec) -> bool:
+    """Whether the normalisation varies from image to image (MXNet's normaliser jitter):
+    then it is fed, else crop_mirror_normalize gets constants."""
+    return spec.jitters_normalisation
+
+
 def inputs(spec: AugmentSpec) -> tuple[str, ...]:
     """The names of the parameter inputs :func:`graph` has for ``spec`` (beside INPUT)."""
     names: list[str] = []
+    per_image = _interp_per_image(spec)
     if _warped(spec):
         if spec.resize:
-            names += [RESIZED, RESIZE_INTERP]
+            names += [RESIZED, RESIZE_INTERP] if per_image else [RESIZED]
         names += [WARP, CANVAS]
         if _window_resized(spec):
-            names += [ROI_START, ROI_END, INTERP]
+            names += [ROI_START, ROI_END, INTERP] if per_image else [ROI_START, ROI_END]
     else:
-        names += [SLICE_START, SLICE_SHAPE, ROI_START, ROI_END, INTERP]
+        names += [SLICE_START, SLICE_SHAPE, ROI_START, ROI_END]
+        names += [INTERP] if per_image else []
     if spec.color_jitter:
         names += [COLOUR, GRAY]
     if spec.hsl_jitter:
@@ -181,7 +196,7 @@ def inputs(spec: AugmentSpec) -> tuple[str, ...]:
     if spec.mean_image is not None:
         if spec.dtype != "int8":
             names += [MULT, BIAS]
-    elif spec.dtype in ("float32", "float16") and (spec.normalizes or spec.jitters_normalisation):
+    elif spec.dtype in ("float32", "float16") and _jittered(spec):
         names += [MEAN, STD]
     return tuple(names)
 
@@ -213,32 +228,41 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         resized = np.empty((n, 2), np.float32)
         resize_interp = np.empty(n, np.int32)
         crop_in_warp = not _window_resized(spec)
+        # 3x3 maps of the whole batch, inverted together (one call, not one per image)
+        first = np.tile(np.eye(3), (n, 1, 1))  # source -> step 1's image
+        total = np.tile(np.eye(3), (n, 1, 1))  # source -> output
+        fwd = np.tile(np.eye(3), (n, 1, 1))  # step 1's image -> the warp's output
         for k in range(n):
             geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
-            first = np.eye(3)  # source -> step 1's image
             if geo.resized is not None:
                 w, h = geo.resized
                 sx, sy = w / geo.source[0], h / geo.source[1]
-                first = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+                first[k, 0] = sx, 0, 0.5 * sx - 0.5
+                first[k, 1] = 0, sy, 0.5 * sy - 0.5
                 resized[k] = h, w
                 resize_interp[k] = geo.interps["resize"]
-            total = np.vstack([geo.matrix, [0, 0, 1]])
+            total[k, :2] = geo.matrix
             if crop_in_warp:  # everything after step 1 in one warp, straight to the output
-                fwd = total @ np.linalg.inv(first)
                 canvas[k] = out_h, out_w
             else:  # warp + pad onto the padded canvas; the window is resampled after
-                fwd = np.eye(3) if geo.warp is None else np.vstack([geo.warp, [0, 0, 1]])
-                p = geo.pad
-                fwd = np.array([[1.0, 0, p], [0, 1, p], [0, 0, 1]]) @ fwd
-                canvas[k] = geo.canvas[1] + 2 * p, geo.canvas[0] + 2 * p
-                rest = total @ np.linalg.inv(fwd @ first)
-                x0, y0, x1, y1 = _axis_window(rest, out_w, out_h)
-                roi[k] = y0, x0, y1, x1
+                if geo.warp is not None:
+                    fwd[k, :2] = geo.warp
+                fwd[k, :2, 2] += geo.pad
+                canvas[k] = geo.canvas[1] + 2 * geo.pad, geo.canvas[0] + 2 * geo.pad
                 interp[k] = geo.interps.get("window", geo.interps.get("enlarge", 1))
-            warp[k] = np.linalg.inv(_CORNER @ fwd @ np.linalg.inv(_CORNER))[:2]
+        if crop_in_warp:
+            fwd = total @ np.linalg.inv(first)
+        else:
+            rest = total @ np.linalg.inv(fwd @ first)
+            for k in range(n):
+                x0, y0, x1, y1 = _axis_window(rest[k], out_w, out_h)
+                roi[k] = y0, x0, y1, x1
+        warp[:] = np.linalg.inv(_CORNER @ fwd @ np.linalg.inv(_CORNER))[:, :2]
         out[WARP], out[CANVAS] = warp, canvas
         if RESIZED in names:
-            out[RESIZED], out[RESIZE_INTERP] = resized, _DALI_INTERP[resize_interp]
+            out[RESIZED] = resized
+        if RESIZE_INTERP in names:
+            out[RESIZE_INTERP] = _DALI_INTERP[resize_interp]
     else:
         for k in range(n):
             geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
@@ -259,6 +283,7 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
     if ROI_START in names:
         out[ROI_START] = roi[:, :2].astype(np.float32)
         out[ROI_END] = roi[:, 2:].astype(np.float32)
+    if INTERP in names:
         out[INTERP] = _DALI_INTERP[interp]
     if spec.color_jitter:
         b, c, s = (d.jitter[:n, j, None, None] for j in range(3))
@@ -375,7 +400,12 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
         jpegs = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
     h, w = spec.height, spec.width
     antialias = _antialias(spec)
-    interp = lambda name: fn.cast(params[name], dtype=types.INTERP_TYPE)  # noqa: E731
+    if _interp_per_image(spec):
+        interp = lambda name: fn.cast(params[name], dtype=types.INTERP_TYPE)  # noqa: E731
+    else:  # one interpolation for every image and step: a constant of the graph
+        fixed = (types.INTERP_NN, types.INTERP_LINEAR, types.INTERP_CUBIC, types.INTERP_LINEAR,
+                 types.INTERP_LANCZOS3)[INTERP_CODES[spec.interp]]  # fmt: skip
+        interp = lambda name: fixed  # noqa: E731
     if _warped(spec):
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
                                    adjust_orientation=False)  # fmt: skip
@@ -438,6 +468,9 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
         mean, std = params[MEAN], params[STD]
     elif spec.dtype == "int8":
         mean, std = [float(v) for v in np.round(spec.mean)], [1.0, 1.0, 1.0]
+    elif spec.dtype in ("float32", "float16"):  # the draws' mult without jitter, as constants
+        mult = np.float32(spec.scale) / np.array(spec.std, np.float32)
+        mean, std = [float(v) for v in spec.mean], [float(v) for v in (1 / mult)]
     else:
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     return fn.crop_mirror_normalize(images, dtype=dtypes[spec.dtype], output_layout=layout,
