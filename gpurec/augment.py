@@ -9,13 +9,14 @@ order, so that ``gpurec.mxnet.io.ImageRecordIter`` is a translation of keywords 
 2. **pre-crop affine** on the whole image, when any of its parameters is set: rotation by
    a random angle in ``±max_rotate_angle`` degrees (whole degrees when the maximum is
    whole, as MXNet draws them; positive turns the content anticlockwise) or exactly
-   ``rotate``, horizontal shear ``x' = x + m*y`` with ``m`` in ``±max_shear_ratio``, scale
-   ``s`` in ``[min_random_scale, max_random_scale]`` and a stretch ``r`` in
-   ``[min_stretch, max_stretch]`` (both not with ``crop="random_resized"``), about the
-   centre, onto a canvas of the scaled image's size clamped to ``[min_img_size,
-   max_img_size]`` (which crops or pads, never resizes), uncovered pixels filled with
-   ``fill_value``. MXNet's formula scales x by ``2s/(1+r)`` and y by ``r`` times that: a
-   stretch above 1 makes the content taller (MXNet's documentation says wider);
+   ``rotate`` (when > 0), horizontal shear ``x' = x + m*y`` with ``m`` in
+   ``±max_shear_ratio``, scale ``s`` in ``[min_random_scale, max_random_scale]`` and a
+   stretch ``r`` in ``[min_stretch, max_stretch]`` (both not with
+   ``crop="random_resized"``), about the centre, onto a canvas of the scaled image's size
+   clamped to ``[min_img_size, max_img_size]`` (which crops or pads, never resizes),
+   uncovered pixels filled with ``fill_value``. MXNet's formula scales x by ``2s/(1+r)``
+   and y by ``r`` times that: a stretch above 1 makes the content taller (MXNet's
+   documentation says wider);
 3. **pad**: ``pad`` pixels of ``fill_value`` on every side;
 4. **crop** (``crop``):
 
@@ -46,9 +47,9 @@ order, so that ``gpurec.mxnet.io.ImageRecordIter`` is a translation of keywords 
    (``rand_mirror``);
 7. **normalise**: ``((x - mean) * c + i) * scale / std`` per RGB channel on the 0-255
    scale, ``c`` in ``1 ± max_random_contrast`` and ``i`` in ``± max_random_illumination``
-   (MXNet's normaliser jitter; both 0 by default); ``mean_image`` (an array shaped like
-   one output image) replaces ``mean``. ``dtype="int8"`` stores ``x - round(mean)``
-   saturated, ``"uint8"`` the pixels. Then ``layout``.
+   (MXNet's normaliser jitter; both 0 by default); ``mean_image`` (``(3, height,
+   width)``, RGB, whatever the ``layout``) replaces ``mean``. ``dtype="int8"`` stores
+   ``x - round(mean)`` saturated, ``"uint8"`` the pixels. Then ``layout``.
 
 Where gpurec's defaults differ from MXNet's, it is for the ``Pipeline``'s sake (a training
 spec that does something useful without keywords); ``ImageRecordIter`` passes MXNet's.
@@ -58,6 +59,7 @@ backends.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -77,8 +79,40 @@ _RANDOM = (  # (field, value that means "off"): what train=False forbids
 )  # fmt: skip
 
 
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite float, or an error naming the field: a NaN passes every
+    comparison test silently (a NaN angle turns every image to fill), an infinity fails
+    half way through an epoch."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return out
+
+
+def _whole(name: str, value: Any, low: int = 0) -> int:
+    """``value`` as an int >= ``low``: a whole number (``224.0`` from a config file is one;
+    ``224.7`` is refused rather than truncated)."""
+    out = _real(name, value)
+    if not out.is_integer() or out < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(out)
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A real bool (Python's or NumPy's): ``bool("False")`` is True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _triple(name: str, value: Any) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)):
+    given = value
+    if isinstance(value, (int, float, np.integer, np.floating)):
         value = (value,) * 3
     try:
         out = tuple(float(v) for v in value)
@@ -86,11 +120,13 @@ def _triple(name: str, value: Any) -> tuple[float, float, float]:
         raise ValueError(f"{name} must be a number or 3 numbers (R, G, B), got {value!r}") from None
     if len(out) != 3:
         raise ValueError(f"{name} must have 3 values (R, G, B), got {len(out)}")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be finite, got {given!r}")
     return out  # type: ignore[return-value]
 
 
 def _range(spec: AugmentSpec, low: str, high: str, floor: float = 0.0) -> None:
-    lo, hi = float(getattr(spec, low)), float(getattr(spec, high))
+    lo, hi = _real(low, getattr(spec, low)), _real(high, getattr(spec, high))
     if not floor <= lo <= hi:
         raise ValueError(f"need {floor:g} <= {low} <= {high}, got {lo:g}, {hi:g}")
     object.__setattr__(spec, low, lo)
@@ -105,7 +141,10 @@ class AugmentSpec:
     ``rand_mirror`` to ``train``; ``resize`` to 256/224 of the crop's shorter side for
     ``"center"`` and ``"random"`` crops, and to 0 (the image as it is) for
     ``"random_resized"``. ``train=False`` is the evaluation transform: it allows no random
-    augmentation.
+    augmentation. ``rotate``: None or 0 draws the angle from ``max_rotate_angle`` (MXNet's
+    ``rotate=-1``; MXNet's fixed angle needs ``rotate > 0``); negative is refused.
+    ``mean_image`` is ``(3, height, width)`` in RGB order, whatever the ``layout``.
+    ``fill_value`` is a whole number in 0..255 (MXNet's is an int).
     """
 
     data_shape: tuple[int, int, int] = (3, 224, 224)
@@ -150,24 +189,29 @@ class AugmentSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        shape = tuple(int(v) for v in self.data_shape)
-        if len(shape) != 3 or shape[0] != 3 or min(shape) < 1:
-            raise ValueError(f"data_shape must be (3, height, width), got {self.data_shape!r}")
+        try:
+            shape = tuple(_whole("data_shape", v, 1) for v in self.data_shape)
+        except (TypeError, ValueError):
+            shape = ()
+        if isinstance(self.data_shape, str) or len(shape) != 3 or shape[0] != 3:
+            raise ValueError(
+                f"data_shape must be (3, height, width), whole numbers >= 1, got "
+                f"{self.data_shape!r}"
+            )
         set_(self, "data_shape", shape)
-        set_(self, "train", bool(self.train))
+        set_(self, "train", _flag("train", self.train))
         if self.crop is None:
             set_(self, "crop", "random_resized" if self.train else "center")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if self.rand_mirror is None:
             set_(self, "rand_mirror", self.train)
-        set_(self, "mirror", bool(self.mirror))
+        set_(self, "rand_mirror", _flag("rand_mirror", self.rand_mirror))
+        set_(self, "mirror", _flag("mirror", self.mirror))
         if self.resize is None:
             auto = 0 if self.crop == "random_resized" else round(min(shape[1:]) * 256 / 224)
             set_(self, "resize", auto)
-        set_(self, "resize", int(self.resize))
-        if self.resize < 0:
-            raise ValueError(f"resize must be >= 0 (0: keep the size), got {self.resize}")
+        set_(self, "resize", _whole("resize", self.resize))  # 0: keep the size
         _range(self, "min_random_area", "max_random_area")
         if not 0 < self.min_random_area <= self.max_random_area <= 1:
             raise ValueError(
@@ -179,10 +223,7 @@ class AugmentSpec:
             raise ValueError(f"min_aspect_ratio must be > 0, got {self.min_aspect_ratio}")
         for name in ("min_crop_size", "max_crop_size", "pad", "random_h", "random_s",
                      "random_l"):  # fmt: skip
-            value = getattr(self, name)
-            if int(value) != value or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-            set_(self, name, int(value))
+            set_(self, name, _whole(name, getattr(self, name)))
         if (self.min_crop_size > 0) != (self.max_crop_size > 0):
             raise ValueError("set both min_crop_size and max_crop_size, or neither")
         _range(self, "min_crop_size", "max_crop_size")
@@ -204,14 +245,20 @@ class AugmentSpec:
         for name in ("max_rotate_angle", "max_shear_ratio", "brightness", "contrast",
                      "saturation", "pca_noise", "max_random_contrast",
                      "max_random_illumination", "scale"):  # fmt: skip
-            value = float(getattr(self, name))
+            value = _real(name, getattr(self, name))
             if value < 0 or (name == "scale" and value == 0):
                 raise ValueError(
                     f"{name} must be {'>' if name == 'scale' else '>='} 0, got {value}"
                 )
             set_(self, name, value)
         if self.rotate is not None:
-            set_(self, "rotate", float(self.rotate))
+            rotate = _real("rotate", self.rotate)
+            if rotate < 0:
+                raise ValueError(
+                    f"rotate must be >= 0 degrees (None or 0: the angle is drawn from "
+                    f"max_rotate_angle), got {self.rotate!r}"
+                )
+            set_(self, "rotate", rotate)
         for name in ("brightness", "contrast", "saturation", "max_random_contrast"):
             if getattr(self, name) > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -220,7 +267,7 @@ class AugmentSpec:
         if not self.train:
             random = [name for name, off in _RANDOM if getattr(self, name) != off]
             random += [name for name in ("rand_mirror",) if getattr(self, name)]
-            random += ["crop='random'"] if self.crop != "center" else []
+            random += [f"crop={self.crop!r}"] if self.crop != "center" else []
             random += ["interp='random'"] if self.interp == "random" else []
             if self.min_random_scale != self.max_random_scale:
                 random.append("min/max_random_scale")
@@ -238,6 +285,8 @@ class AugmentSpec:
             image = np.ascontiguousarray(self.mean_image, np.float32)
             if image.shape != shape:
                 raise ValueError(f"mean_image must have the data shape {shape}, got {image.shape}")
+            if not np.isfinite(image).all():
+                raise ValueError("mean_image must be finite: it holds NaN or infinite values")
             image.flags.writeable = False
             set_(self, "mean_image", image)
         if self.dtype not in DTYPES:
@@ -251,9 +300,14 @@ class AugmentSpec:
                              "normaliser's jitter unset")  # fmt: skip
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if not 0 <= float(self.fill_value) <= 255:
-            raise ValueError(f"fill_value must be in 0..255, got {self.fill_value}")
-        set_(self, "fill_value", float(self.fill_value))
+        # A whole number: the backends' padding and warp borders would round a fraction
+        # differently (copyMakeBorder and DALI round it, a mask would truncate it).
+        fill = _real("fill_value", self.fill_value)
+        if not (fill.is_integer() and 0 <= fill <= 255):
+            raise ValueError(
+                f"fill_value must be a whole number in 0..255, got {self.fill_value!r}"
+            )
+        set_(self, "fill_value", fill)
 
     @classmethod
     def names(cls) -> set[str]:

@@ -22,7 +22,8 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 
-__all__ = ["ATTEMPTS", "INTERP_CODES", "Colour", "Draws", "Geometry", "colour", "draw", "geometry"]
+__all__ = ["ATTEMPTS", "INTERP_CODES", "Colour", "Draws", "Geometry", "colour", "draw",
+           "enlarge_side", "geometry"]  # fmt: skip
 
 ATTEMPTS = 10  # random-resized crop: windows tried before falling back (MXNet's 10)
 NEAREST, LINEAR, CUBIC, AREA, LANCZOS = range(5)  # cv2.INTER_* values, MXNet's codes
@@ -150,6 +151,15 @@ def _interp(spec: AugmentSpec, d: Draws, k: int, old: tuple[float, float],
     return LINEAR
 
 
+def enlarge_side(out: int, side: int, other: int) -> int:
+    """The other side of an image enlarged so that ``side`` becomes ``out``: MXNet's
+    ``(index_t)((float)out / (float)side * (float)other)``, each step rounded to float32
+    as MXNet computes it (in float64, 41x41 enlarged to 64 would stay 64 wide; MXNet
+    makes it 63, then enlarges the width in a second step)."""
+    ratio = np.float32(out) / np.float32(side)
+    return int(np.float32(ratio * np.float32(other)))
+
+
 def _randint(u: float, high: int) -> int:
     """A uniform integer in ``[0, high]`` from a uniform ``u`` in [0, 1)."""
     return min(int(u * (high + 1)), high) if high > 0 else 0
@@ -235,10 +245,10 @@ def geometry(spec: AugmentSpec, d: Draws, k: int, width: int, height: int) -> Ge
     resize_window = window is not None
     if window is None:  # a window of the data shape, at the image's resolution
         w, h = size
-        if h < out_h:  # MXNet enlarges the height first, then the width
-            w, h = int(out_h / h * w), out_h
+        if h < out_h:  # MXNet enlarges the height first, then the width (in float32)
+            w, h = enlarge_side(out_h, h, w), out_h
         if w < out_w:
-            w, h = out_w, int(out_w / w * h)
+            w, h = out_w, enlarge_side(out_w, w, h)
         if (w, h) != size:
             enlarged = (w, h)
             interps["enlarge"] = _interp(spec, d, k, size, (out_w, out_h))

@@ -87,7 +87,8 @@ class Pipeline:
     both backends. ``seed`` draws the order and the augmentations; ``augment_seed``, when
     given, draws the augmentations instead (the order keeps ``seed``).
     ``on_error="skip"`` (both backends) replaces a record that does not decode by a good
-    one of its batch and counts it in ``pipe.skipped``; ``"raise"`` stops with the
+    one of its batch (augmented with the failed position's own draws) and counts it in
+    ``pipe.skipped``; ``"raise"`` stops with the
     shard, record and byte offset. ``prefetch``: batches read and
     decoded ahead of the caller.
     """
@@ -259,11 +260,18 @@ class Pipeline:
 
     def draws(self, plan: Plan, b: int, n: int | None = None) -> Draws:
         """The random numbers of batch ``b`` of ``plan`` (its first ``n`` images): both
-        backends augment with these, so they follow from (seed, epoch, batch) alone. A
-        part of an epoch laid out again by an elastic resume gets draws of its own."""
+        backends augment with these, so they follow from (seed, epoch, batch, rank)
+        alone, and a resumed run draws what an uninterrupted one does.
+
+        Each rank of several draws its own (``shard_id`` and ``num_shards`` join the key;
+        a single rank's key is ``(augment_seed, epoch, batch, 1)``), so that ranks do not
+        augment their batches alike. A part of an epoch laid out again by an elastic
+        resume gets draws of its own (the number of earlier layouts joins the key), on
+        the rank that reads it in the new layout."""
+        rank = (self.shard_id, self.num_shards) if self.num_shards > 1 else ()
         extra = (len(plan.segments),) if plan.segments else ()
         count = self.batch_size if n is None else n
-        return draw(self.spec, (self.augment_seed, plan.epoch, b, 1, *extra), count)
+        return draw(self.spec, (self.augment_seed, plan.epoch, b, 1, *rank, *extra), count)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample indices this rank reads in ``epoch``, padded or cut to whole batches."""

@@ -644,3 +644,46 @@ def test_mxnet_deterministic_warps_within_interpolation_noise(name) -> None:
         diff.mean(),
         np.percentile(diff, 99),
     )
+
+
+# Sizes (width, height) whose enlargement to 64 differs between float32 (MXNet's) and
+# float64 arithmetic: 41x41 gives 63 columns (float64: 64), then a second step to 64x65;
+# 49x49 gives 64 (float64: 63, then 64x65); 82x41 gives 127 (float64: 128).
+ENLARGED = [(41, 41), (47, 47), (49, 49), (55, 55), (61, 61), (82, 41), (147, 49)]
+
+
+def test_small_images_are_enlarged_with_mxnets_float32_arithmetic(tmp_path) -> None:
+    """MXNet enlarges an image smaller than the data shape to
+    ``(index_t)((float)out / (float)rows * (float)cols)``, each step rounded to float32:
+    the geometry and the backend follow it pixel for pixel."""
+    from gpurec.draws import draw, enlarge_side, geometry
+
+    assert [enlarge_side(64, h, w) for w, h in ENLARGED] == [63, 63, 64, 63, 63, 127, 192]
+    spec = AugmentSpec(data_shape=(3, 64, 64), train=False, resize=0)
+    d = draw(spec, (0,), 1)
+    assert geometry(spec, d, 0, 41, 41).enlarged == (64, 65)  # 63x64, then the width
+    assert geometry(spec, d, 0, 49, 49).enlarged == (64, 64)  # 64x64 in one step
+    images = [photo(w, h, seed) for seed, (w, h) in enumerate(ENLARGED)]
+    rec = write_records(tmp_path / "e.rec", images, [float(i) for i in range(len(images))])
+    for interp in ("linear", "auto"):
+        got, want = run_both((rec, images), (3, 64, 64), train=False, resize=0, interp=interp,
+                             dtype="uint8")  # fmt: skip
+        for k, (g, w) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_array_equal(g, w, err_msg=f"{interp} {ENLARGED[k]}")
+
+
+def test_a_warped_image_smaller_than_its_resize_is_enlarged_before_the_warp(tmp_path) -> None:
+    """MXNet resizes the shorter edge to ``resize`` before the warp, enlarging a small
+    image too; a warp straight from a 1x1 source would blend the fill into all of it.
+    Against the port (1x1, 8x6, 20x15, 60x50; rotate 20, fill 255, a center crop of the
+    canvas: the single warp is MXNet's warp shifted by whole pixels): measured max |diff|
+    0 (warping from the sources: mean 42, 1.3, 0.6 levels on the three small ones); a
+    flat 1x1 image is flat inside the turned square."""
+    images = [np.full((1, 1, 3), (30, 160, 220), np.uint8), photo(8, 6, 1), photo(20, 15, 2),
+              photo(60, 50, 3)]  # fmt: skip
+    rec = write_records(tmp_path / "s.rec", images, [float(i) for i in range(len(images))])
+    got, want = run_both((rec, images), dtype="uint8", crop="center", resize=40, rotate=20,
+                         fill_value=255, train=False)  # fmt: skip
+    assert (got[0][:, 8:24, 8:24] == np.array([220, 160, 30])[:, None, None]).all()
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert np.abs(g.astype(int) - w.astype(int)).max() <= 1, k

@@ -2,11 +2,13 @@
 
 DALI runs in its CPU mode. Each configuration is checked against a NumPy/OpenCV
 reference made here from the same draws: the composed geometry (``Geometry.matrix``)
-with one ``cv2.warpAffine``, then the colour steps with OpenCV (HLS through
-``cv2.cvtColor``), mirror and normalisation. DALI resamples step by step where MXNet
-does (resize, warp, window), antialiased on shrinks; the reference resamples once, so
-the images are smooth and the bounds say how far resamplers may differ. The same
-configurations are compared with the CPU backend as well.
+with one ``cv2.warpAffine`` (MXNet's steps one by one where padding meets a warp: the
+canvas clips the warped image, the padding is fill), then the colour steps with OpenCV
+(HLS through ``cv2.cvtColor``), normalisation and mirror (MXNet subtracts the mean image
+from the unmirrored pixel). DALI resamples step by step where MXNet does (resize, warp,
+window), antialiased on shrinks; the reference resamples once, so the images are smooth
+and the bounds say how far resamplers may differ. The same configurations are compared
+with the CPU backend as well.
 """
 
 from __future__ import annotations
@@ -52,16 +54,43 @@ def shard(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
     return rec, images
 
 
+def mxnet_steps(spec: AugmentSpec, geo, image: np.ndarray) -> np.ndarray:
+    """MXNet's geometric steps one by one with OpenCV (uint8 between steps, as MXNet):
+    resize, warp onto the canvas, pad with fill, enlarge, window, resize of the window."""
+    fill = (spec.fill_value,) * 3
+    img = image
+    if geo.resized is not None:
+        img = cv2.resize(img, geo.resized, interpolation=geo.interps["resize"])
+    if geo.warp is not None:
+        img = cv2.warpAffine(img, geo.warp, geo.canvas, flags=geo.interps["warp"],
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=fill)  # fmt: skip
+    if geo.pad:
+        p = geo.pad
+        img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=fill)
+    if geo.enlarged is not None:
+        img = cv2.resize(img, geo.enlarged, interpolation=geo.interps["enlarge"])
+    x, y, w, h = geo.window
+    img = img[y : y + h, x : x + w]
+    if geo.resize_window:
+        img = cv2.resize(img, (spec.width, spec.height), interpolation=geo.interps["window"])
+    return img
+
+
 def reference_pixels(spec: AugmentSpec, d, k: int, image: np.ndarray) -> np.ndarray:
-    """Image ``k``'s pixels (HWC, RGB, float32 on 0..255, before normalising) made with
-    OpenCV from the draws: composed warp, colour, HLS, PCA, mirror."""
+    """Image ``k``'s pixels (HWC, RGB, float32 on 0..255, before normalising and
+    mirroring) made with OpenCV from the draws: composed warp (MXNet's steps when padding
+    meets a warp), colour, HLS, PCA."""
     h, w = image.shape[:2]
     geo = geometry(spec, d, k, w, h)
     flags = cv2.INTER_NEAREST if spec.interp == "nearest" else cv2.INTER_LINEAR
     fill = (spec.fill_value,) * 3
-    out = cv2.warpAffine(image.astype(np.float32), geo.matrix, (spec.width, spec.height),
-                         flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)  # fmt: skip
-    out = np.clip(np.rint(out), 0, 255)
+    if geo.pad and geo.warp is not None:  # one warp cannot clip at MXNet's canvas
+        out = mxnet_steps(spec, geo, image).astype(np.float32)
+    else:
+        size = (spec.width, spec.height)
+        out = cv2.warpAffine(image.astype(np.float32), geo.matrix, size, flags=flags,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=fill)  # fmt: skip
+        out = np.clip(np.rint(out), 0, 255)
     steps = colour(spec, d, k)
     if steps.matrix is not None:
         gray = float((out @ np.array([0.299, 0.587, 0.114])).mean())
@@ -73,23 +102,30 @@ def reference_pixels(spec: AugmentSpec, d, k: int, image: np.ndarray) -> np.ndar
         out = cv2.cvtColor(hls, cv2.COLOR_HLS2RGB)
     if steps.pca is not None:
         out = np.clip(np.floor(out + steps.pca), 0, 255).astype(np.uint8)
-    out = out.astype(np.float32)
-    if d.mirror[k]:
-        out = out[:, ::-1]
-    return out
+    return out.astype(np.float32)
+
+
+def round_half_away(values) -> np.ndarray:
+    """C's std::round, MXNet's rounding of the int8 mean (NumPy rounds halves to even)."""
+    values = np.asarray(values, np.float64)
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
 def normalise(spec: AugmentSpec, d, k: int, pixels: np.ndarray) -> np.ndarray:
-    """MXNet's normaliser on HWC pixels, then the spec's layout (float32 or int)."""
+    """MXNet's normaliser on unmirrored HWC pixels, then the mirror (MXNet subtracts
+    ``meanimg[c][i][j]`` from pixel (i, j) and writes the result mirrored), then the
+    spec's layout (float32 or int)."""
     if spec.dtype == "uint8":
         out = pixels
     elif spec.dtype == "int8":
         mean = spec.mean_image.transpose(1, 2, 0) if spec.mean_image is not None else spec.mean
-        out = np.clip(pixels - np.round(mean), -128, 127)
+        out = np.clip(pixels - round_half_away(mean), -128, 127)
     else:
         mean = spec.mean_image.transpose(1, 2, 0) if spec.mean_image is not None else (
             np.array(spec.mean, np.float32))  # fmt: skip
         out = (pixels - mean) * d.mult[k] + d.bias[k]
+    if d.mirror[k]:
+        out = out[:, ::-1]
     return out.transpose(2, 0, 1) if spec.layout == "NCHW" else out
 
 
@@ -139,6 +175,56 @@ CASES = {
     "random-resized": (dict(crop="random_resized", min_random_area=0.3), 0.8, 4.0),
     "crop-sizes": (dict(crop="random", min_crop_size=30, max_crop_size=44, resize=0), 0.8, 4.0),
     "pad": (dict(crop="random", pad=6, resize=0, fill_value=200), 0.3, 2.0),
+    # Padding around a warped canvas: the band is fill, the warped corners that reach past
+    # MXNet's canvas are clipped (before the fix the band showed them: p99 58..184).
+    "pad-rotate-random": (
+        dict(crop="random", resize=40, max_rotate_angle=45, pad=6, fill_value=255),
+        0.5,
+        3.0,
+    ),
+    "pad-rotate-center": (
+        dict(crop="center", resize=44, rotate=30, pad=5, fill_value=255, train=False),
+        0.5,
+        3.0,
+    ),
+    "pad-rotate-enlarge": (  # padded canvas 28 + 2 * 4 on the short side: enlarged to 40
+        dict(crop="center", resize=28, rotate=20, pad=4, fill_value=255, train=False),
+        0.5,
+        3.0,
+    ),
+    "pad-rotate-random-resized": (
+        dict(
+            crop="random_resized", max_rotate_angle=45, pad=8, fill_value=255, min_random_area=0.5
+        ),
+        0.5,
+        3.0,
+    ),
+    "pad-rotate-crop-sizes": (
+        dict(
+            crop="random",
+            resize=48,
+            max_rotate_angle=45,
+            pad=8,
+            fill_value=255,
+            min_crop_size=36,
+            max_crop_size=48,
+        ),
+        0.5,
+        3.0,
+    ),
+    "pad-shear-scale": (
+        dict(
+            crop="random",
+            resize=44,
+            max_shear_ratio=0.3,
+            min_random_scale=0.8,
+            max_random_scale=1.2,
+            pad=5,
+            fill_value=0,
+        ),
+        0.5,
+        3.0,
+    ),
     "colour": (dict(crop="center", brightness=0.4, contrast=0.4, saturation=0.4), 0.6, 3.0),
     "hsl": (dict(crop="center", random_h=20, random_s=30, random_l=30), 0.8, 4.0),
     "pca": (dict(crop="center", pca_noise=0.1), 0.6, 3.0),
@@ -176,12 +262,84 @@ def test_dali_matches_reference(shard, name):
     assert mean <= mean_bound and p99 <= p99_bound, (name, mean, p99)
 
 
-def test_mean_image(shard):
+def tie_mean_image(seed: int) -> np.ndarray:
+    """A mean image (3, H, W) of smooth values whose int8 rounding is at stake: a third of
+    them exact halves (.5, where round-half-even and C's std::round differ), and a ramp
+    along the width so that a mirror applied before the subtraction shows."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(80, 160, SHAPE).astype(np.float32)
+    base += np.linspace(-40, 40, SHAPE[2], dtype=np.float32)[None, None, :]
+    halves = rng.random(SHAPE) < 1 / 3
+    return np.where(halves, np.floor(base) + 0.5, base).astype(np.float32)
+
+
+MEAN_IMAGE_CASES = {
+    "float32-train-default": dict(std=(50, 60, 70)),  # rand_mirror follows train
+    "float32-mirror": dict(std=(50, 60, 70), mirror=True),
+    "float32-rand-mirror-nhwc": dict(std=(50, 60, 70), rand_mirror=True, layout="NHWC"),
+    "float32-jitter-rand-mirror": dict(
+        rand_mirror=True, max_random_contrast=0.3, max_random_illumination=20
+    ),
+    "int8-rand-mirror": dict(dtype="int8", rand_mirror=True),
+    "int8-mirror-nhwc": dict(dtype="int8", mirror=True, layout="NHWC"),
+}
+
+
+@pytest.mark.parametrize("name", list(MEAN_IMAGE_CASES))
+def test_mean_image(shard, name):
+    """mean_image against the reference (subtracted from the unmirrored pixel, mirrored
+    after) and the CPU backend. Before the fix DALI mirrored first: the mirrored images
+    were off by the mean image's left-right difference (up to 80 levels)."""
     rec, images = shard
-    rng = np.random.default_rng(2)
-    mean_image = rng.uniform(80, 160, SHAPE).astype(np.float32)
-    mean, p99, _ = compare(rec, images, crop="center", mean_image=mean_image, std=(50, 60, 70))
-    assert mean <= 0.6 and p99 <= 3.0, (mean, p99)
+    options = dict(crop="center", mean_image=tie_mean_image(2), **MEAN_IMAGE_CASES[name])
+    mean, p99, batches = compare(rec, images, **options)
+    assert mean <= 0.6 and p99 <= 3.0, (name, mean, p99)
+    spec = AugmentSpec(data_shape=SHAPE, **options)
+    cpu = run_backend(rec, "cpu", **options)
+    for b, ((a, la), (c, lc)) in enumerate(zip(batches, cpu, strict=True)):
+        assert np.array_equal(la, lc)
+        d = draw(spec, (3, 0, b, 1), len(la))
+        assert d.mirror.any() or not (spec.rand_mirror or spec.mirror)
+        unit = np.abs(d.mult).min() if spec.dtype == "float32" else 1.0
+        diff = np.abs(a.astype(np.float32) - c.astype(np.float32)) / unit
+        assert diff.mean() <= 1.2 and np.percentile(diff, 99) <= 6.0, (name, b, diff.mean())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("mean_kind", ["mean", "mean_image"])
+def test_normalise_is_mxnet_arithmetic(shard, dtype, mean_kind):
+    """DALI's normalised output against its own uint8 output (same draws, so the same
+    pixels) with MXNet's arithmetic, exactly: float32 ``(x - mean) * mult + bias`` on the
+    unmirrored pixel, then mirrored; int8 ``saturate(x - std::round(mean))`` with halves
+    rounded away from zero (the mean's .5 values: 120.5 -> 121, not 120)."""
+    rec, _ = shard
+    common = dict(crop="center", resize=44, rand_mirror=True, layout="NCHW")
+    if mean_kind == "mean":
+        extra = dict(mean=(120.5, 121.5, 0.5 if dtype == "float32" else 124.5))
+        mean = np.array(extra["mean"], np.float32)[:, None, None] * np.ones(SHAPE, np.float32)
+    else:
+        mean = tie_mean_image(4)
+        extra = dict(mean_image=mean)
+    if dtype == "float32":
+        extra.update(std=(50, 60, 70), max_random_contrast=0.2, max_random_illumination=10)
+    spec = AugmentSpec(data_shape=SHAPE, dtype=dtype, **common, **extra)
+    pixels = run_backend(rec, "dali", dtype="uint8", **common)
+    normalised = run_backend(rec, "dali", dtype=dtype, **common, **extra)
+    mirrored = 0
+    for b, ((x, lx), (y, ly)) in enumerate(zip(pixels, normalised, strict=True)):
+        assert np.array_equal(lx, ly)
+        d = draw(spec, (3, 0, b, 1), len(lx))
+        for k in range(len(lx)):
+            m = mean[:, :, ::-1] if d.mirror[k] else mean  # the mean at the mirrored place
+            if dtype == "int8":
+                want = np.clip(x[k].astype(np.float32) - round_half_away(m), -128, 127)
+                assert np.array_equal(y[k].astype(np.float32), want), (b, k)
+            else:
+                mult, bias = d.mult[k][:, None, None], d.bias[k][:, None, None]
+                want = (x[k].astype(np.float32) - m) * mult + bias
+                np.testing.assert_allclose(y[k], want, rtol=1e-5, atol=1e-4)
+            mirrored += bool(d.mirror[k])
+    assert 0 < mirrored < sum(len(lx) for _, lx in pixels)
 
 
 def test_hls_jitter_matches_opencv():
@@ -253,8 +411,12 @@ def test_roi_decoding_equals_whole_image(shard):
     assert diff.max() <= 1.0, diff.max()  # libjpeg's partial decode: at most a rounding
 
 
-CROSS = ["eval-resize-center", "seed-like", "random-resized", "pad", "colour", "hsl", "pca",
-         "normaliser-jitter", "int8"]  # fmt: skip
+# The other pad + warp cases differ from the CPU backend along the canvas edge where the
+# window is resized or enlarged (the CPU backend's one warp cuts the padding with a hard
+# mask, MXNet's resize blends it): against the reference only.
+CROSS = ["eval-resize-center", "seed-like", "random-resized", "pad", "pad-rotate-random",
+         "pad-rotate-center", "pad-shear-scale", "colour", "hsl", "pca", "normaliser-jitter",
+         "int8"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CROSS)

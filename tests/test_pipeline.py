@@ -650,3 +650,157 @@ def test_skip_fills_a_batch_with_no_good_record_from_earlier_in_the_epoch(tmp_pa
     assert out["cpu"] == out["dali"]
     epochs, _ = out["cpu"]
     assert epochs[0] == epochs[1] and epochs[0][-1][0] == 7  # record 7 stands in for 8
+
+
+# --------------------------------------------------- draws per rank, per position, specs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_rank_draws_its_own_augmentations(tmp_path, backend) -> None:
+    """Every record the same image, so only the draws tell the ranks' batches apart:
+    rank 0 and rank 1 of 2 do not augment alike (their draws' key holds the rank); a
+    single rank keeps the key (augment_seed, epoch, batch, 1)."""
+    from gpurec.draws import draw
+
+    rec = write_records(tmp_path / "same.rec", [coordinate_image(64)] * 8, [0.0] * 8)
+    kw = dict(backend=backend, shuffle=False, seed=4, crop="random", resize=48,
+              rand_mirror=True, brightness=0.3, dtype="uint8")  # fmt: skip
+    ranks = [list(cpu_pipe(rec, 4, num_shards=2, shard_id=r, **kw)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 1
+    for k in range(4):
+        assert not np.array_equal(ranks[0][0].data[k], ranks[1][0].data[k]), k
+    single = cpu_pipe(rec, 4, **kw)
+    mine, want = single.draws(single.plan(0), 1), draw(single.spec, (4, 0, 1, 1), 4)
+    np.testing.assert_array_equal(mine.crop, want.crop)
+    np.testing.assert_array_equal(mine.jitter, want.jitter)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_of_several_resumes_its_augmentations_exactly(tmp_path, backend) -> None:
+    """Rank 1 of 3, checkpointed after 2 batches, resumes with the pixels of an
+    uninterrupted run; after an elastic resume on 2 ranks, a checkpoint taken there
+    resumes each new rank with its own pixels again."""
+    shards = numbered_shards(tmp_path, counts=(13, 11, 9))
+
+    def make(rank: int, ranks: int) -> Pipeline:
+        return cpu_pipe(shards, 2, backend=backend, shard_id=rank, num_shards=ranks,
+                        last_batch="pad", seed=3, brightness=0.4, num_threads=2)  # fmt: skip
+
+    full = [b.data.copy() for b in make(1, 3)]
+    first = make(1, 3)
+    it = iter(first)
+    got = [next(it).data.copy() for _ in range(2)]
+    state = first.state_dict()
+    resumed = make(1, 3)
+    resumed.load_state_dict(state)
+    got += [b.data.copy() for b in resumed]
+    assert len(got) == len(full)
+    for g, w in zip(got, full, strict=True):
+        np.testing.assert_array_equal(g, w)
+    for rank in range(2):
+        pipe = make(rank, 2)
+        pipe.load_state_dict(state)
+        it = iter(pipe)
+        next(it)
+        mid = pipe.state_dict()
+        rest = [b.data.copy() for b in it]
+        again = make(rank, 2)
+        again.load_state_dict(mid)
+        resumed_rest = [b.data.copy() for b in again]
+        assert len(rest) == len(resumed_rest) > 0
+        for g, w in zip(resumed_rest, rest, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+def _records(rec: Path, bodies: list[bytes], labels: list[float]) -> Path:
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i, (body, label) in enumerate(zip(bodies, labels, strict=True)):
+            writer.write(pack_record(IRHeader(0, label, i, 0), body), key=i)
+    return rec
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_position_augments_its_stand_in_with_its_own_draws(tmp_path, backend):
+    """Records 1 and 8 (the last) do not decode. Position 1 gets record 0 augmented with
+    position 1's draws: exactly what a source holding record 0's image at position 1
+    gives, not a copy of position 0; every position of the last batch (record 8 and its
+    padding) gets record 7 with its own draws. Both backends follow this rule."""
+    base = coordinate_image(64)
+    pngs = [cv2.imencode(".png", np.roll(base, 7 * i, axis=1))[1].tobytes() for i in range(9)]
+    bad = list(pngs)
+    bad[1], bad[8] = b"not an image", b"\x89PNG\r\n\x1a\n cut short"
+    good = list(pngs)
+    good[1], good[8] = pngs[0], pngs[7]
+    bad_rec = _records(tmp_path / "bad.rec", bad, [float(i) for i in range(9)])
+    labels = [0.0, 0.0, *[float(i) for i in range(2, 8)], 7.0]
+    good_rec = _records(tmp_path / "good.rec", good, labels)
+    kw = dict(backend=backend, shuffle=False, seed=2, crop="random", resize=48,
+              rand_mirror=True, brightness=0.3, dtype="uint8", last_batch="pad",
+              on_error="skip")  # fmt: skip
+    skip = cpu_pipe(bad_rec, 4, **kw)
+    got = list(skip)
+    want = list(cpu_pipe(good_rec, 4, **kw))
+    assert skip.skipped == 5  # record 1, and record 8 four times (itself and its padding)
+    assert [b.label.tolist() for b in got] == [b.label.tolist() for b in want]
+    assert got[0].label.tolist() == [0, 0, 2, 3] and got[2].label.tolist() == [7] * 4
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
+    assert not np.array_equal(got[0].data[1], got[0].data[0])
+    assert len({got[2].data[k].tobytes() for k in range(4)}) == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_rotate_angle": float("nan")}, "max_rotate_angle must be a finite number, got nan"),
+        ({"brightness": float("nan")}, "brightness must be a finite number, got nan"),
+        ({"scale": float("inf")}, "scale must be a finite number, got inf"),
+        ({"pca_noise": float("inf")}, "pca_noise must be a finite number, got inf"),
+        ({"min_random_area": float("nan")}, "min_random_area must be a finite number"),
+        ({"max_aspect_ratio": float("inf")}, "max_aspect_ratio must be a finite number"),
+        ({"std": (1, float("inf"), 1)}, r"std must be finite, got \(1, inf, 1\)"),
+        ({"mean": float("nan")}, "mean must be finite, got nan"),
+        ({"rotate": float("nan")}, "rotate must be a finite number, got nan"),
+        ({"rotate": -30}, "rotate must be >= 0 degrees .*got -30"),
+        ({"fill_value": 127.5}, "fill_value must be a whole number in 0..255, got 127.5"),
+        ({"fill_value": 256}, "fill_value must be a whole number in 0..255, got 256"),
+        ({"train": False, "crop": "random_resized"},
+         "crop='random_resized' is a training augmentation"),
+        ({"data_shape": (3, 224.7, 224)}, r"data_shape must be \(3, height, width\).*224\.7"),
+        ({"data_shape": "abc"}, r"data_shape must be \(3, height, width\).*'abc'"),
+        ({"resize": 1.5}, "resize must be a whole number >= 0, got 1.5"),
+        ({"resize": "x"}, "resize must be a number, got 'x'"),
+        ({"resize": -1}, "resize must be a whole number >= 0, got -1"),
+        ({"random_h": None}, "random_h must be a number, got None"),
+        ({"pad": 2.5}, "pad must be a whole number >= 0, got 2.5"),
+        ({"train": "False"}, "train must be True or False, got 'False'"),
+        ({"mirror": "no"}, "mirror must be True or False, got 'no'"),
+        ({"rand_mirror": 1}, "rand_mirror must be True or False, got 1"),
+        ({"brightness": True}, "brightness must be a number, got True"),
+        ({"mean_image": np.full((3, 224, 224), np.nan)}, "mean_image must be finite"),
+    ],
+)  # fmt: skip
+def test_augment_spec_names_the_field_and_the_bad_value(kwargs, error) -> None:
+    """Values that would fail half way through an epoch, be truncated or turned into
+    True silently, or (a NaN angle) make every image fill, are refused up front."""
+    from gpurec.augment import AugmentSpec
+
+    with pytest.raises(ValueError, match=error):
+        AugmentSpec(**kwargs)
+
+
+def test_augment_spec_takes_whole_floats_numpy_values_and_zero_rotate() -> None:
+    """What configs and ``gpurec.mxnet.io`` pass: whole floats, NumPy scalars and bools."""
+    from gpurec.augment import AugmentSpec
+
+    spec = AugmentSpec(data_shape=(3, 224.0, np.int64(200)), resize=np.float64(256.0),
+                       fill_value=255.0, rotate=30.0, random_h=36.0, pad=np.int32(2),
+                       train=np.True_, rand_mirror=np.False_, mirror=True,
+                       mean=np.float32(3), std=[1, 2, 3])  # fmt: skip
+    assert spec.data_shape == (3, 224, 200) and type(spec.data_shape[1]) is int
+    assert spec.resize == 256 and type(spec.resize) is int and spec.pad == 2
+    assert spec.fill_value == 255.0 and spec.rotate == 30.0 and spec.random_h == 36
+    assert spec.train is True and spec.rand_mirror is False and spec.mirror is True
+    assert spec.mean == (3.0, 3.0, 3.0) and spec.std == (1.0, 2.0, 3.0)
+    zero = AugmentSpec(rotate=0, crop="random")
+    assert zero.rotate == 0.0 and not zero.affine  # MXNet's fixed angle needs rotate > 0

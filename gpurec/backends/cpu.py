@@ -2,11 +2,11 @@
 
 For machines without DALI. A thread pool works on a few images per task (OpenCV and
 NumPy release the GIL), a few batches ahead of the trainer. The random numbers of a
-batch come from :meth:`gpurec.Pipeline.draws` (``(seed, epoch, batch)``), before any
-thread runs; :func:`gpurec.draws.geometry` and :func:`gpurec.draws.colour` turn them and
-an image's size (read from its JPEG/PNG/GIF header, before decoding) into that image's
-steps. The batches are the same bit for bit whatever the thread count or timing, and
-the DALI backend applies the same windows, matrices and factors.
+batch come from :meth:`gpurec.Pipeline.draws` (``(seed, epoch, batch, rank)``), before
+any thread runs; :func:`gpurec.draws.geometry` and :func:`gpurec.draws.colour` turn them
+and an image's size (read from its JPEG/PNG/GIF header, before decoding) into that
+image's steps. The batches are the same bit for bit whatever the thread count or timing,
+and the DALI backend applies the same windows, matrices and factors.
 
 Geometry, two paths:
 
@@ -16,7 +16,8 @@ Geometry, two paths:
   steps, height then width), the window, and its ``cv2.resize`` to the data shape. For
   deterministic configurations this is MXNet's output up to its JPEG decoder.
 * **warped**: MXNet resizes, warps the whole image onto a canvas, pads and crops; here
-  the resize step runs as MXNet's when it shrinks (a warp does not low-pass filter), and
+  the resize step runs as MXNet's (a warp does not low-pass filter a shrink, and a small
+  image warped straight to a large size would blend the fill into all of it), and
   the rest (warp, pad, crop, window resize) is one ``cv2.warpAffine`` straight to the
   output size with the composed map (``Geometry.matrix``), filled with ``fill_value``;
   with ``pad``, output pixels outside MXNet's canvas are filled as MXNet's padding is.
@@ -78,7 +79,7 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
-from gpurec.draws import AREA, LUMA, Colour, Draws, Geometry, colour, geometry
+from gpurec.draws import AREA, LUMA, Colour, Draws, Geometry, colour, enlarge_side, geometry
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, ImageInfo, UnknownImage, sniff
 
@@ -282,11 +283,10 @@ class CPUBackend:
         spec = self.spec
         size = (spec.width, spec.height)
         fill = (spec.fill_value,) * 3
-        if (
-            geo.resized is not None
-            and img.shape[1::-1] != geo.resized
-            and (geo.axis_aligned or denom > 1 or min(np.subtract(geo.resized, geo.source)) < 0)
-        ):  # warped: only a shrink runs as MXNet's step (a warp does not low-pass filter)
+        if geo.resized is not None and img.shape[1::-1] != geo.resized:
+            # MXNet's step, on both paths: a warp does not low-pass filter a shrink, and
+            # warping a small image straight from the source would blend the fill into
+            # the whole enlargement (its edge pixels are half fill when sampled directly)
             img = cv2.resize(img, geo.resized, interpolation=geo.interps["resize"])
         elif denom > 1:  # no resize step: the window is cut from the reduced image
             x, y, w, h = geo.window
@@ -304,8 +304,8 @@ class CPUBackend:
         if geo.enlarged is not None:  # MXNet's two steps: the height, then the width
             interp = geo.interps["enlarge"]
             h, w = img.shape[:2]
-            if h < spec.height:  # gpurec.draws.geometry's arithmetic for the first step
-                img = cv2.resize(img, (int(spec.height / h * w), spec.height),
+            if h < spec.height:  # MXNet's float32 arithmetic, as gpurec.draws.geometry's
+                img = cv2.resize(img, (enlarge_side(spec.height, h, w), spec.height),
                                  interpolation=interp)  # fmt: skip
             if img.shape[1::-1] != geo.enlarged:
                 img = cv2.resize(img, geo.enlarged, interpolation=interp)
@@ -499,24 +499,38 @@ class CPUBackend:
                 raise exc
             failed.append(i)
         if failed:
-            good = sorted(set(range(len(data))) - set(failed))
-            if not good:
-                self._stand_in(data, labels, failed, plan, b, errors[0][1])
-            for k, i in enumerate(failed):
-                if good:
-                    data[i], labels[i] = data[good[k % len(good)]], labels[good[k % len(good)]]
-                else:
-                    data[i], labels[i] = data[failed[0]], labels[failed[0]]
+            self._stand_ins(data, labels, failed, plan, b, errors[0][1])
             self.pipe.skipped += len(failed)
         return data, labels
 
-    def _stand_in(self, data, labels, failed: list[int], plan: Plan, b: int,
-                  first: Exception) -> None:  # fmt: skip
-        """A batch with no good record (a bad last record and its padding): its first
-        position gets the nearest record before the batch in the rank's plan (going back,
-        then on from the plan's end) that decodes, with that position's draws; the DALI
-        backend picks by this rule."""
+    def _stand_ins(self, data, labels, failed: list[int], plan: Plan, b: int,
+                   first: Exception) -> None:  # fmt: skip
+        """Fill the failed positions of batch ``b``: the k-th gets the k-th good record of
+        the batch (cyclic), or :meth:`_stand_in`'s record when there is none, augmented
+        with the failed position's own draws (every position has its draws, whatever
+        record it ends up holding), as the DALI backend does, so both backends hand out
+        the same images."""
         d = self.pipe.draws(plan, b, len(data))
+        indices = plan.batch(b).tolist()
+        good = sorted(set(range(len(data))) - set(failed))
+        scratch = self._scratch()
+        try:
+            if good:
+                for k, i in enumerate(failed):
+                    self._sample(indices[good[k % len(good)]], d, i, data, labels, scratch)
+                return
+            index = self._stand_in(data, labels, failed[0], d, plan, b, first)
+            for i in failed[1:]:
+                self._sample(index, d, i, data, labels, scratch)
+        finally:
+            self._local.decoded = None
+
+    def _stand_in(self, data, labels, position: int, d: Draws, plan: Plan, b: int,
+                  first: Exception) -> int:  # fmt: skip
+        """For a batch with no good record (a bad last record and its padding): the
+        nearest record before the batch in the rank's plan (going back, then on from the
+        plan's end) that decodes, written at ``position`` with its draws; the DALI backend
+        picks by this rule. Returns the record's index."""
         scratch = self._scratch()
         n, start = len(plan.indices), b * plan.batch_size
         tried = {int(i) for i in plan.batch(b)}
@@ -526,8 +540,8 @@ class CPUBackend:
                 continue
             tried.add(index)
             try:
-                self._sample(index, d, failed[0], data, labels, scratch)
-                return
+                self._sample(index, d, position, data, labels, scratch)
+                return index
             except RecordIOError:
                 continue
         raise RecordIOError(f"no record of the epoch decodes (first: {first})")

@@ -100,7 +100,9 @@ SLICE_SHAPE = "slice_shape"  # int32 (h, w)
 RESIZED = "resized"  # float32 (h, w): step 1's size (the warp path)
 RESIZE_INTERP = "resize_interp"  # int32 DALIInterpType of step 1
 WARP = "warp"  # float32 2x3: destination-to-source map of the warp (DALI's pixel corners)
-CANVAS = "canvas"  # float32 (h, w): the warp's output size
+# float32 (h, w): the warp's output size: the output when the whole geometry is one warp,
+# else (staged, see _staged) MXNet's canvas before padding, which the padding surrounds
+CANVAS = "canvas"
 ROI_START = "roi_start"  # float32 (y, x): the region resampled to the output
 ROI_END = "roi_end"  # float32 (y, x)
 INTERP = "interp"  # int32 DALIInterpType of the last resampling
@@ -145,9 +147,24 @@ def _warped(spec: AugmentSpec) -> bool:
 
 def _window_resized(spec: AugmentSpec) -> bool:
     """Whether a window may be resized to the output (a random-resized crop or a crop of
-    random size): then the warp path warps the whole canvas and resamples the window
-    apart, antialiased, as MXNet does; else the crop is folded into the warp."""
+    random size)."""
     return spec.crop == "random_resized" or spec.max_crop_size > 0
+
+
+def _staged(spec: AugmentSpec) -> bool:
+    """Whether the warp path runs MXNet's steps apart: warp onto the canvas, pad, then
+    resample the window (antialiased, as MXNet resizes it). Needed when the window may be
+    resized, and when a pre-crop affine meets padding: MXNet's canvas clips the warped
+    image and the padding around it is ``fill_value``, which one warp straight to the
+    output cannot tell from the warped corners that reach past the canvas. Otherwise
+    everything after step 1 is one warp to the output (one resampling)."""
+    return _window_resized(spec) or (spec.affine and spec.pad > 0)
+
+
+def _round_half_away(values: np.ndarray) -> np.ndarray:
+    """C's ``std::round``, which MXNet's int8 mean uses (halves away from zero; NumPy's
+    ``np.round`` takes them to even)."""
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
 def _antialias(spec: AugmentSpec) -> bool:
@@ -179,9 +196,11 @@ def inputs(spec: AugmentSpec) -> tuple[str, ...]:
     if _warped(spec):
         if spec.resize:
             names += [RESIZED, RESIZE_INTERP] if per_image else [RESIZED]
-        names += [WARP, CANVAS]
-        if _window_resized(spec):
+        if _staged(spec):  # warp (if any) onto the canvas, pad, resample the window
+            names += [WARP, CANVAS] if spec.affine else [CANVAS]
             names += [ROI_START, ROI_END, INTERP] if per_image else [ROI_START, ROI_END]
+        else:  # one warp to the output
+            names += [WARP, CANVAS]
     else:
         names += [SLICE_START, SLICE_SHAPE, ROI_START, ROI_END]
         names += [INTERP] if per_image else []
@@ -201,13 +220,14 @@ def inputs(spec: AugmentSpec) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _axis_window(m: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) in pixel-corner coordinates of the region an axis-aligned forward
-    map ``m`` (2x3, pixel centres) sends onto a ``width`` x ``height`` output."""
-    px, py = 1.0 / m[0, 0], 1.0 / m[1, 1]
-    x0 = (-0.5 - m[0, 2]) * px + 0.5
-    y0 = (-0.5 - m[1, 2]) * py + 0.5
-    return x0, y0, x0 + width * px, y0 + height * py
+def _axis_window(m: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``(..., 4)``: (y0, x0, y1, x1) in pixel-corner coordinates of the region each
+    axis-aligned forward map of ``m`` (``(..., 2 or 3, 3)``, pixel centres) sends onto a
+    ``width`` x ``height`` output (the order of DALI's ROI arguments)."""
+    px, py = 1.0 / m[..., 0, 0], 1.0 / m[..., 1, 1]
+    x0 = (-0.5 - m[..., 0, 2]) * px + 0.5
+    y0 = (-0.5 - m[..., 1, 2]) * py + 0.5
+    return np.stack([y0, x0, y0 + height * py, x0 + width * px], axis=-1)
 
 
 def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.ndarray]:
@@ -227,7 +247,7 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         canvas = np.empty((n, 2), np.float32)
         resized = np.empty((n, 2), np.float32)
         resize_interp = np.empty(n, np.int32)
-        crop_in_warp = not _window_resized(spec)
+        staged = _staged(spec)
         # 3x3 maps of the whole batch, inverted together (one call, not one per image)
         first = np.tile(np.eye(3), (n, 1, 1))  # source -> step 1's image
         total = np.tile(np.eye(3), (n, 1, 1))  # source -> output
@@ -242,33 +262,33 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
                 resized[k] = h, w
                 resize_interp[k] = geo.interps["resize"]
             total[k, :2] = geo.matrix
-            if crop_in_warp:  # everything after step 1 in one warp, straight to the output
-                canvas[k] = out_h, out_w
-            else:  # warp + pad onto the padded canvas; the window is resampled after
+            if staged:  # the warp onto MXNet's canvas; the graph pads it, then the window
                 if geo.warp is not None:
                     fwd[k, :2] = geo.warp
-                fwd[k, :2, 2] += geo.pad
-                canvas[k] = geo.canvas[1] + 2 * geo.pad, geo.canvas[0] + 2 * geo.pad
+                canvas[k] = geo.canvas[1], geo.canvas[0]
                 interp[k] = geo.interps.get("window", geo.interps.get("enlarge", 1))
-        if crop_in_warp:
-            fwd = total @ np.linalg.inv(first)
+            else:  # everything after step 1 in one warp, straight to the output
+                canvas[k] = out_h, out_w
+        if staged:  # padded canvas -> output: the window (and enlargement) resampled
+            pad = np.array([[1.0, 0, spec.pad], [0, 1, spec.pad], [0, 0, 1]])
+            roi[:] = _axis_window(total @ np.linalg.inv(pad @ fwd @ first), out_w, out_h)
         else:
-            rest = total @ np.linalg.inv(fwd @ first)
-            for k in range(n):
-                x0, y0, x1, y1 = _axis_window(rest[k], out_w, out_h)
-                roi[k] = y0, x0, y1, x1
+            fwd = total @ np.linalg.inv(first)
         warp[:] = np.linalg.inv(_CORNER @ fwd @ np.linalg.inv(_CORNER))[:, :2]
-        out[WARP], out[CANVAS] = warp, canvas
+        out[CANVAS] = canvas
+        if WARP in names:
+            out[WARP] = warp
         if RESIZED in names:
             out[RESIZED] = resized
         if RESIZE_INTERP in names:
             out[RESIZE_INTERP] = _DALI_INTERP[resize_interp]
     else:
+        matrices = np.empty((n, 2, 3))
         for k in range(n):
             geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
-            x0, y0, x1, y1 = _axis_window(geo.matrix, out_w, out_h)
-            roi[k] = y0, x0, y1, x1
+            matrices[k] = geo.matrix
             interp[k] = geo.interps["composed"]
+        roi[:] = _axis_window(matrices, out_w, out_h)
         # Decode only the region and the reach of the resampling filter around it (ROI
         # decoding): the resize sees the same pixels as in the whole image.
         hw = sizes[:, ::-1].astype(np.float64)
@@ -381,8 +401,15 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
     region and its filter's reach are decoded (``decoders.image_slice``). With a warp:
     step 1's resize, then ``fn.warp_affine`` filled with ``fill_value`` (only nearest and
     linear exist there), straight to the output when the crop is of the data shape at
-    native resolution, else onto the padded canvas, whose window ``fn.resize`` then
-    resamples (antialiased like INTER_AREA).
+    native resolution and nothing is padded (one resampling); else MXNet's steps apart
+    (:func:`_staged`): the warp onto MXNet's canvas, ``fn.slice`` pads it with
+    ``fill_value`` (so the warped corners the canvas clipped stay out of the padding), and
+    ``fn.resize`` resamples the window of the padded canvas (antialiased like INTER_AREA).
+    Padding without an affine and without a resized window is a translation: one warp.
+
+    Normalisation: ``crop_mirror_normalize`` (mirror included); with ``mean_image`` the
+    image is normalised unmirrored and flipped last, as MXNet subtracts the mean image
+    before it mirrors.
     """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
     names = inputs(spec)
@@ -412,14 +439,21 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
         if spec.resize:
             images = fn.resize(images, size=params[RESIZED], interp_type=interp(RESIZE_INTERP),
                                antialias=antialias)  # fmt: skip
-        images = fn.warp_affine(
-            images,
-            matrix=params[WARP],
-            size=params[CANVAS],
-            fill_value=spec.fill_value,
-            interp_type=types.INTERP_NN if spec.interp == "nearest" else types.INTERP_LINEAR,
-        )
-        if _window_resized(spec):
+        if WARP in names:
+            images = fn.warp_affine(
+                images,
+                matrix=params[WARP],
+                size=params[CANVAS],
+                fill_value=spec.fill_value,
+                interp_type=types.INTERP_NN if spec.interp == "nearest" else types.INTERP_LINEAR,
+            )
+        if _staged(spec):
+            if spec.pad:  # MXNet's padding around the canvas (which clipped the warp)
+                p = spec.pad
+                padded = fn.cast(params[CANVAS] + 2 * p, dtype=types.INT32)
+                images = fn.slice(images, start=[-p, -p], shape=padded, axis_names="HW",
+                                  out_of_bounds_policy="pad",
+                                  fill_values=spec.fill_value)  # fmt: skip
             images = fn.resize(images, size=(h, w), roi_start=params[ROI_START],
                                roi_end=params[ROI_END], roi_relative=False,
                                interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
@@ -455,19 +489,24 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
     layout = "CHW" if spec.layout == "NCHW" else "HWC"
     mirror = params[MIRROR] if spec.rand_mirror else int(spec.mirror)
     if spec.mean_image is not None:
+        # MXNet subtracts meanimg[i][j] from pixel (i, j) and writes the result mirrored:
+        # normalise the unmirrored image, flip last.
         mean_image = spec.mean_image if layout == "CHW" else spec.mean_image.transpose(1, 2, 0)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout,
-                                          mirror=mirror)  # fmt: skip
+                                          mirror=0)  # fmt: skip
         if spec.dtype == "int8":  # x - round(mean image), saturated
-            images = images - types.Constant(np.round(mean_image).astype(np.float32))
+            images = images - types.Constant(_round_half_away(mean_image).astype(np.float32))
         else:
             images = images - types.Constant(np.ascontiguousarray(mean_image, np.float32))
             images = images * here(params[MULT]) + here(params[BIAS])
-        return fn.cast(images, dtype=dtypes[spec.dtype])
+        images = fn.cast(images, dtype=dtypes[spec.dtype])
+        if spec.rand_mirror or spec.mirror:
+            images = fn.flip(images, horizontal=mirror)
+        return images
     if MEAN in names:
         mean, std = params[MEAN], params[STD]
-    elif spec.dtype == "int8":
-        mean, std = [float(v) for v in np.round(spec.mean)], [1.0, 1.0, 1.0]
+    elif spec.dtype == "int8":  # x - round(mean), saturated
+        mean, std = [float(v) for v in _round_half_away(np.array(spec.mean))], [1.0, 1.0, 1.0]
     elif spec.dtype in ("float32", "float16"):  # the draws' mult without jitter, as constants
         mult = np.float32(spec.scale) / np.array(spec.std, np.float32)
         mean, std = [float(v) for v in spec.mean], [float(v) for v in (1 / mult)]
