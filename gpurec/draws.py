@@ -1,6 +1,6 @@
 """Each image's augmentation, drawn once from an :class:`AugmentSpec`, for both backends.
 
-The random numbers of a batch are drawn in one go from ``(seed, epoch, batch)``
+The random numbers of a batch are drawn in one go from ``(seed, epoch, batch, rank)``
 (:func:`draw`), before any decoding, so a batch's augmentation does not depend on
 threads, timing or the backend. What they mean for one image follows from its size
 alone (:func:`geometry`, :func:`colour`): the OpenCV backend and the DALI graph apply the

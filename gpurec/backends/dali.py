@@ -29,8 +29,9 @@ Bad records: one whose bytes are not an image (or whose record or label is malfo
 is found before it is fed; one that passes that check but fails in the decoder makes
 DALI's run fail, after which the batch's records are decoded one by one through the same
 graph to find it, and the pipeline is rebuilt from the last checkpoint. With
-``on_error="skip"`` a bad record is replaced by a good one of its batch (as the CPU
-backend does, so labels stay identical) and counted in ``pipe.skipped``; with
+``on_error="skip"`` a bad record is replaced by a good one of its batch, augmented with
+the failed position's own draws (as the CPU backend does, so labels and images agree),
+and counted in ``pipe.skipped``; with
 ``"raise"`` the error names shard, record and byte offset. Either way the Pipeline
 stays usable.
 

@@ -28,7 +28,7 @@ MXNet scripts already set to their local GPU; the arrays are then CuPy arrays, w
   (MXNet shuffles within chunks of its split; the order differs, and this one is a true
   shuffle). ``shuffle_chunk_size``/``shuffle_chunk_seed`` (MXNet's chunk shuffle of files
   read without an index) shuffle the same way, from ``shuffle_chunk_seed``.
-- The augmentations are drawn from ``(seed_aug or seed, epoch, batch)``: they differ from
+- The augmentations are drawn from ``(seed_aug or seed, epoch, batch, part)``: they differ from
   epoch to epoch and are reproducible, on both backends. MXNet draws them from
   per-thread generators with fixed seeds, and with ``seed_aug`` reseeds per position in
   the batch, so that every batch repeats the same augmentations.
