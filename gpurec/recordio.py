@@ -30,6 +30,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,7 @@ class RecordWriter:
         self._synced = 0  # bytes handed to the background sync so far
         self._sync: threading.Thread | None = None
         self._sync_error: OSError | None = None
+        self.sync_cpu = 0.0  # CPU seconds the background syncs took (parallel to writing)
         self.count = 0
 
     def tell(self) -> int:
@@ -334,12 +336,14 @@ class RecordWriter:
             self._sync.start()
 
     def _background_sync(self, fd: int) -> None:
+        start = time.thread_time()  # the kernel's writeback, charged to this thread
         try:
             os.fdatasync(fd)
         except OSError as exc:  # raised by close(), in the writing thread
             self._sync_error = exc
         finally:
             os.close(fd)
+            self.sync_cpu += time.thread_time() - start
 
     def _syncing(self) -> bool:
         return self._sync is not None and self._sync.is_alive()
