@@ -474,9 +474,11 @@ def _mxnet_pipeline(options: dict, origin: str, source: str, n: int, seed: int, 
     kwargs = {**options["ImageRecordIter"], "path_imgrec": rec, "path_imgidx": "",
               "batch_size": n, "seed": seed, "round_batch": False, "verbose": False,
               "ctx": mx.gpu(0) if device == "gpu" else mx.cpu()}  # fmt: skip
-    if "data_shape" in kwargs:
-        kwargs["data_shape"] = tuple(kwargs["data_shape"])
-    return mx.io.ImageRecordIter(**kwargs).pipe
+    try:  # show what can be shown, say what could not (as for a Pipeline preset)
+        it = mx.io.ImageRecordIter.with_pipeline_options({"on_error": "skip"}, **kwargs)
+    except TypeError as exc:  # a misspelt keyword: the file's mistake, not a crash
+        raise ValueError(f"{origin}: {exc}") from None
+    return it.pipe
 
 
 @app.command(

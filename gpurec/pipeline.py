@@ -323,6 +323,7 @@ class Pipeline:
             "records": len(self.dataset),
             "num_shards": self.num_shards,
             "batch_size": self.batch_size,
+            "last_batch": self.last_batch,
             "segments": [s.to_list() for s in self._segments],
             "backend": self.backend.state(),
         }
@@ -338,7 +339,14 @@ class Pipeline:
         exactly the batches an uninterrupted run reads. With another layout (elastic
         resume), the records no rank has read are laid out over the new ranks: none is
         read twice, none is left out (see :mod:`gpurec.order` for what differs).
+        ``last_batch="wrap"`` resumes with the checkpoint's layout only: its epochs start
+        where the rank's stream of records reaches a whole batch, so with another batch
+        size or rank count records around any epoch boundary would repeat or be skipped.
         """
+        taken = state.get("last_batch")  # absent from checkpoints before it was recorded
+        if taken is not None and taken != self.last_batch:
+            raise ValueError(f"checkpoint was taken with last_batch={taken!r}, this Pipeline "
+                             f"has last_batch={self.last_batch!r}")  # fmt: skip
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"checkpoint was taken with seed {state['seed']}, not {self.seed}")
         if bool(state.get("shuffle", self.shuffle)) != self.shuffle:
@@ -354,6 +362,14 @@ class Pipeline:
                   int(state.get("batch_size", self.batch_size)))  # fmt: skip
         if batch < 0:
             raise ValueError(f"checkpoint batch {batch} is negative")
+        if self.last_batch == "wrap" and (layout != (self.num_shards, self.batch_size)
+                                          or segments):  # fmt: skip
+            ranks, size = (segments[0].num_shards, segments[0].batch_size) if segments else layout
+            raise ValueError(
+                "last_batch='wrap' resumes with the layout it was checkpointed with only: "
+                f"the checkpoint has {_ranks(ranks)} of batch {size}, this Pipeline "
+                f"{_ranks(self.num_shards)} of batch {self.batch_size}"
+            )
         if layout != (self.num_shards, self.batch_size):
             if batch:  # what the old ranks read is a segment of its own; lay out the rest
                 segments += (Segment(*layout, batch),)
@@ -382,6 +398,10 @@ class Pipeline:
             f"batch {self.batch_size}, {len(self)} batches/epoch on rank {self.shard_id} of "
             f"{self.num_shards}, device={self.device!r}, backend={type(self.backend).__name__})"
         )
+
+
+def _ranks(count: int) -> str:
+    return f"{count} rank" if count == 1 else f"{count} ranks"
 
 
 def _dali_installed() -> bool:

@@ -94,6 +94,30 @@ def test_show_writes_a_png_grid_of_the_right_size(packed: Path, tmp_path: Path) 
     assert res.returncode == 0 and cv2.imread(str(tmp_path / "r.png")).shape == (64, 96, 3)
 
 
+def test_show_an_imagerecorditer_config(packed: Path, tmp_path: Path) -> None:
+    """MXNet's keywords in a config: a misspelt one is an error naming the file (not a
+    traceback); a record that does not decode is skipped and counted, as for a preset."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("ImageRecordIter:\n  data_shape: [3, 32, 32]\n  rand_mirrror: true\n")
+    res = run_gpurec("show", packed / "ds_train-00000-of-00002", "-o", tmp_path / "t.png",
+                     "--config", typo)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "typo.yaml" in res.stderr and "rand_mirrror" in res.stderr
+    rec = packed / "ds_train-00000-of-00002.rec"
+    offsets = read_idx(rec.with_suffix(".idx"))[1]
+    raw = bytearray(rec.read_bytes())
+    start = int(offsets[1]) + 8 + 24  # record 1's image, after its headers
+    raw[start : start + 64] = bytes(64)  # no JPEG any more; the RecordIO frame intact
+    rec.write_bytes(bytes(raw))
+    cfg = tmp_path / "mx.yaml"  # strings as MXNet reads them, and a YAML None
+    cfg.write_text("ImageRecordIter:\n  data_shape: '(3, 32, 32)'\n  resize: 40\n"
+                   "  rand_crop: 'True'\n  min_aspect_ratio: None\n")  # fmt: skip
+    res = run_gpurec("show", rec, "-o", tmp_path / "g.png", "-n", "5", "--raw", "--config", cfg)
+    assert res.returncode == 0, res.stderr
+    assert "5 images of 32x32 (1 unreadable record(s) skipped)" in res.stdout, res.stdout
+    assert cv2.imread(str(tmp_path / "g.png")).shape == (64, 96, 3)  # 5 tiles, 3 columns
+
+
 def test_demo_completes_in_a_temporary_folder(tmp_path: Path) -> None:
     res = run_gpurec("demo", "--out", tmp_path / "d", "--per-class", "12")
     assert res.returncode == 0, res.stderr

@@ -199,9 +199,6 @@ def test_keywords_translate_to_mxnets_meaning(kw, expected):
         (dict(max_aspect_ratio=1.5), "max_aspect_ratio"),
         (dict(max_aspect_ratio=0.5, min_aspect_ratio=0.8), "min_aspect_ratio"),
         (dict(resize=0), "resize"),
-        (dict(dtype="uint8", mean_r=123), "mean_r"),
-        (dict(dtype="uint8", std_g=2), "std_g"),
-        (dict(dtype="int8", scale=0.5), "scale"),
         (dict(num_parts=2, part_index=2), "part_index"),
         (dict(ctx="tpu"), "ctx"),
         (dict(batch_size=0), "batch_size"),
@@ -348,8 +345,8 @@ def test_iteration_protocol(backend):
     it = make(batch_size=4)
     it.reset()  # scripts reset before each epoch: that loses no epoch
     assert it.iter_next()
-    assert it.getdata()[0].shape == (4, 3, 8, 8) and it.getpad() == 0
-    assert it.getlabel()[0].asnumpy().tolist() == [100, 101, 102, 103]
+    assert it.getdata().shape == (4, 3, 8, 8) and it.getpad() == 0  # the array, as MXNet's
+    assert it.getlabel().asnumpy().tolist() == [100, 101, 102, 103]
     assert it.getindex().tolist() == [0, 1, 2, 3] and it.getindex().dtype == np.uint64
     batch = it.next()
     assert batch.label[0].tolist() == [104, 105, 106, 107] and batch.index.tolist() == [4, 5, 6, 7]
@@ -366,6 +363,155 @@ def test_iteration_protocol(backend):
     it.reset()  # in the middle of epoch 2: the next epoch starts
     assert len(it) == 2 and it.next().label[0].tolist()[0] == 102
     it.close()
+
+
+def test_getdata_returns_the_array_and_works_before_the_first_batch(backend):
+    # MXNet 1.9.1 (/work/mxnet-venv, iter.rec/.idx, batch_size=4), right after
+    # construction: getdata() -> NDArray (4, 3, 8, 8), getlabel() -> NDArray [100, 101,
+    # 102, 103], getpad() -> 0; then iter_next() -> True on that same first batch.
+    it = make(batch_size=4)
+    data, label = it.getdata(), it.getlabel()
+    assert not isinstance(data, list) and data.shape == (4, 3, 8, 8)
+    assert label.asnumpy().tolist() == [100, 101, 102, 103] and it.getpad() == 0
+    np.testing.assert_array_equal(data.asnumpy()[:, 0, 0, 0], [0, 20, 40, 60])
+    it.reset()  # a batch only looked at is not read: reset() keeps it
+    assert it.iter_next() and it.getlabel().asnumpy().tolist() == [100, 101, 102, 103]
+    # MXNet's second iter_next() repeats batch 0 (its first_batch is never cleared by
+    # iter_next); gpurec moves on, as iter_next() means
+    assert it.iter_next() and it.getlabel().asnumpy().tolist() == [104, 105, 106, 107]
+    assert [b.label[0].tolist()[0] for b in it] == [108]
+    with pytest.raises(RuntimeError, match="epoch is over"):
+        it.getdata()
+    it.close()
+
+
+def test_len_during_an_epoch_is_that_epochs(backend):
+    it = make(batch_size=4)  # round_batch: epochs of 3, 2, 3 batches (10 records)
+    for want in (3, 2, 3):
+        assert len(it) == want
+        seen = []
+        for _ in it:
+            seen.append(len(it))
+        assert seen == [want] * want
+        it.reset()
+    it.close()
+
+
+def test_round_batch_false_hands_out_no_batch_of_padding_only(backend):
+    # MXNet 1.9.1 (iter.rec/.idx, batch_size=3, round_batch=False, num_parts=3), labels
+    # and pad per batch, the same every epoch: part 0 [100, 101, 102] 0, [103, -, -] 0;
+    # part 1 [104, 105, 106] 0, [107, -, -] 0; part 2 [108, 109, -] 0 ("-": stale rows).
+    # Its parts differ in batch count and none is all padding; gpurec's split differs
+    # (10 records: 3, 3, 4; MXNet: 4, 4, 2), its rule on padding is the same.
+    got = {}
+    for part in range(3):
+        it = make(batch_size=3, round_batch=False, num_parts=3, part_index=part)
+        assert len(it) == (1, 1, 2)[part]
+        got[part] = []
+        for _ in range(2):
+            got[part].append([(b.label[0].tolist(), b.pad) for b in it])
+            it.reset()
+        it.close()
+    assert got[0] == [[([100, 101, 102], 0)]] * 2
+    assert got[1] == [[([103, 104, 105], 0)]] * 2
+    assert got[2] == [[([106, 107, 108], 0), ([109, 109, 109], 2)]] * 2
+
+
+# MXNet str()s every keyword: these strings work there (MXNet 1.9.1, iter.rec/.idx,
+# batch_size=4: the first batch's labels [100, 101, ...] and pixels 0, 20, 40, 60);
+# "3,8,8" without brackets is refused ("Invalid Parameter format for data_shape").
+@pytest.mark.parametrize(
+    "kw",
+    [dict(data_shape="(3,8,8)"), dict(data_shape="[3,8,8]"), dict(data_shape="(3, 8, 8)"),
+     dict(seed_aug="None"), dict(min_aspect_ratio="None"), dict(dtype="None"),
+     dict(seed="5"), dict(resize="8"), dict(rand_crop="True"), dict(round_batch="0")],
+)  # fmt: skip
+def test_string_values_as_mxnet_reads_them(kw):
+    it = make(batch_size=4, **kw)
+    batch = it.next()
+    assert batch.data[0].shape == (4, 3, 8, 8) and batch.data[0].dtype == np.float32
+    assert batch.label[0].tolist() == [100, 101, 102, 103]
+    np.testing.assert_array_equal(batch.data[0].asnumpy()[:, 0, 3, 3], [0, 20, 40, 60])
+    it.close()
+
+
+def test_string_values_mxnet_refuses_are_named():
+    with pytest.raises(ValueError, match=r"data_shape.*'3,8,8'"):
+        make(batch_size=4, data_shape="3,8,8")
+    with pytest.raises(ValueError, match="seed_aug"):
+        make(batch_size=4, seed_aug="none of it")
+    t = translate(dict(path_imgrec=str(REF / "iter.rec"), data_shape="[3,8,8]", batch_size="4",
+                       seed_aug="7", min_aspect_ratio="0.5", max_aspect_ratio="2"))  # fmt: skip
+    assert t["spec"]["data_shape"] == (3, 8, 8) and t["pipeline"]["augment_seed"] == 7
+    assert (t["spec"]["min_stretch"], t["spec"]["max_stretch"]) == (0.5, 2.0)
+
+
+@pytest.mark.parametrize(
+    "kw, dtype, pixels, ignored",
+    [
+        # MXNet 1.9.1 (iter.rec/.idx, batch_size=4): pixels (R, G, B at 3,3) of records 0-3
+        (dict(dtype="uint8", mean_r=10, std_r=2, scale=0.5), np.uint8,
+         [0, 0, 0, 20, 20, 20, 40, 40, 40, 60, 60, 60], "std_r, scale, mean_r"),
+        (dict(dtype="uint8", max_random_contrast=0.3, max_random_illumination=5), np.uint8,
+         [0, 0, 0, 20, 20, 20, 40, 40, 40, 60, 60, 60],
+         "max_random_contrast, max_random_illumination"),
+        (dict(dtype="int8", mean_r=10, std_r=2, scale=0.5), np.int8,
+         [-10, 0, 0, 10, 20, 20, 30, 40, 40, 50, 60, 60], "std_r, scale"),
+    ],
+)  # fmt: skip
+def test_dtype_ignores_the_normaliser_as_mxnet_and_says_so(backend, caplog, kw, dtype, pixels,
+                                                           ignored):  # fmt: skip
+    with caplog.at_level("WARNING", logger="gpurec.mxnet.io"):
+        it = make(batch_size=4, **kw)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].endswith(f": {ignored} ignored"), warnings
+    data = it.next().data[0].asnumpy()
+    assert data.dtype == dtype
+    assert data[:, :, 3, 3].ravel().tolist() == pixels
+    it.close()
+
+
+def test_uint8_neither_makes_nor_reads_mean_img(tmp_path, caplog):
+    mean_file = tmp_path / "mean.nd"  # MXNet does not load the mean image for uint8
+    with caplog.at_level("WARNING", logger="gpurec.mxnet.io"):
+        it = make(batch_size=4, dtype="uint8", mean_img=str(mean_file))
+    assert not mean_file.exists() and "mean_img ignored" in caplog.text
+    assert it.next().data[0].asnumpy()[:, 0, 0, 0].tolist() == [0, 20, 40, 60]
+    it.close()
+
+
+def test_a_closed_iterator_says_so(backend):
+    it = make(batch_size=4)
+    it.next()
+    it.close()
+    for call in (it.next, it.iter_next, it.getdata):
+        with pytest.raises(RuntimeError, match="ImageRecordIter is closed"):
+            call()
+    it.close()  # twice is harmless
+
+
+def test_gpu_choices_that_cannot_work_are_named(monkeypatch):
+    monkeypatch.setenv("GPUREC_MXNET_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"device_id=-1 names no GPU.*GPUREC_MXNET_BACKEND"):
+        make(batch_size=4, device_id=-1)
+    with pytest.raises(ValueError, match=r"ctx=gpu\(-1\)"):
+        make(batch_size=4, ctx=mx.gpu(-1))
+    try:
+        import cupy  # noqa: F401
+    except ImportError:  # this machine: the variable and the extra are named
+        with pytest.raises(ImportError, match=r"GPUREC_MXNET_BACKEND=gpu.*gpurec\[gpu\]"):
+            make(batch_size=4)
+        with pytest.raises(ImportError, match=r"ctx=gpu\(1\).*gpurec\[gpu\]"):
+            make(batch_size=4, ctx=mx.gpu(1))
+
+
+def test_a_bad_image_list_is_reported_before_any_work(tmp_path):
+    bad = tmp_path / "bad.lst"
+    bad.write_text("0\t1\ta.png\n1\tx\tb.png\n")
+    mean_file = tmp_path / "mean.nd"  # would be made by a pass over the data
+    with pytest.raises(ValueError, match="line 2"):
+        make(batch_size=2, path_imglist=str(bad), mean_img=str(mean_file))
+    assert not mean_file.exists()
 
 
 def test_shuffle_is_a_new_permutation_every_epoch(backend):

@@ -804,3 +804,47 @@ def test_augment_spec_takes_whole_floats_numpy_values_and_zero_rotate() -> None:
     assert spec.mean == (3.0, 3.0, 3.0) and spec.std == (1.0, 2.0, 3.0)
     zero = AugmentSpec(rotate=0, crop="random")
     assert zero.rotate == 0.0 and not zero.affine  # MXNet's fixed angle needs rotate > 0
+
+
+def test_a_wrap_checkpoint_loads_with_its_own_layout_and_last_batch_only() -> None:
+    """``last_batch="wrap"`` epochs start where the rank's stream reaches a whole batch:
+    with another batch size or rank count, records around an epoch boundary would repeat
+    or be skipped, so load_state_dict refuses it (at an epoch boundary too), and a
+    checkpoint remembers its last_batch."""
+    rec = Path(__file__).parent / "data" / "mxnet_iter" / "iter.rec"  # 10 records
+
+    def make(batch: int = 4, last_batch: str = "wrap", **kw) -> Pipeline:
+        return cpu_pipe(rec, batch, (3, 8, 8), backend="cpu", train=False, shuffle=True,
+                        seed=3, last_batch=last_batch, num_threads=1, **kw)  # fmt: skip
+
+    boundary = make()
+    list(boundary)
+    state = boundary.state_dict()
+    assert (state["epoch"], state["batch"], state["last_batch"]) == (1, 0, "wrap")
+    with pytest.raises(ValueError, match="the checkpoint has 1 rank of batch 4, this "
+                                         "Pipeline 1 rank of batch 3"):  # fmt: skip
+        make(3).load_state_dict(state)
+    with pytest.raises(ValueError, match="1 rank of batch 4, this Pipeline 2 ranks of batch 4"):
+        make(num_shards=2, shard_id=0).load_state_dict(state)
+    mid = make()
+    next(iter(mid))
+    with pytest.raises(ValueError, match="1 rank of batch 4, this Pipeline 1 rank of batch 5"):
+        make(5).load_state_dict(mid.state_dict())  # refused when loaded, not at iter()
+    with pytest.raises(ValueError, match="last_batch='wrap', this Pipeline has "
+                                         "last_batch='pad'"):  # fmt: skip
+        make(last_batch="pad").load_state_dict(mid.state_dict())
+    # the same layout resumes exactly; a checkpoint from before last_batch was recorded
+    # loads as before
+    full = make()
+    want = [b.index.tolist() for _ in range(2) for b in full]
+    for old in (False, True):
+        first = make()
+        it = iter(first)
+        got = [next(it).index.tolist()]
+        state = first.state_dict()
+        if old:
+            del state["last_batch"]
+        resumed = make()
+        resumed.load_state_dict(state)
+        got += [b.index.tolist() for _ in range(2) for b in resumed]
+        assert got == want

@@ -27,7 +27,8 @@ MXNet scripts already set to their local GPU; the arrays are then CuPy arrays, w
 - ``shuffle``: gpurec draws a new permutation of all records every epoch, from ``seed``
   (MXNet shuffles within chunks of its split; the order differs, and this one is a true
   shuffle). ``shuffle_chunk_size``/``shuffle_chunk_seed`` (MXNet's chunk shuffle of files
-  read without an index) shuffle the same way, from ``shuffle_chunk_seed``.
+  read without an index) shuffle the same way: from ``shuffle_chunk_seed``, or from
+  ``seed`` when ``shuffle`` is on as well (one permutation, one seed).
 - The augmentations are drawn from ``(seed_aug or seed, epoch, batch, part)``: they differ from
   epoch to epoch and are reproducible, on both backends. MXNet draws them from
   per-thread generators with fixed seeds, and with ``seed_aug`` reseeds per position in
@@ -36,12 +37,22 @@ MXNet scripts already set to their local GPU; the arrays are then CuPy arrays, w
   1.9.1 leaves it zero.
 - ``round_batch=False``: the last batch is filled with repeats of the last record and
   ``pad`` counts them; MXNet leaves the previous batch's rows there and reports pad 0.
+  A part with fewer batches than the largest part ends sooner: no batch is all padding
+  (as in MXNet, parts can differ in batch count).
 - ``round_batch=True`` (the default) is MXNet's: the last batch is filled with the first
   records of the next epoch, ``pad`` counts them, and the next epoch starts after them
   (so its length varies by one). A ``reset()`` in the middle of an epoch starts the next
   epoch where a whole epoch would have ended (MXNet restarts at the first record).
 - ``num_parts``/``part_index``: part ``k`` of ``P`` reads the slice ``[N*k//P,
-  N*(k+1)//P)`` of each epoch's order (MXNet splits the file, and shuffles within a part).
+  N*(k+1)//P)`` of each epoch's order (MXNet splits the file into parts of ``ceil(N/P)``
+  records, the last one smaller, and shuffles within a part): 10 records in 3 parts are
+  0-2, 3-5, 6-9 here, 0-3, 4-7, 8-9 in MXNet. ``mean_img``, when made, is the mean of all
+  records (MXNet's: of its part).
+- ``dtype="uint8"`` ignores ``mean_*``, ``std_*``, ``scale``, ``mean_img`` and
+  ``max_random_contrast/illumination``, ``dtype="int8"`` all but the means, as MXNet
+  does; gpurec says so in a warning.
+- Keyword values may be strings, as MXNet reads them (``"(3,224,224)"``, ``"None"``,
+  ``"True"``, ``"0.5"``).
 - ``device_id`` without the GPU backend, ``verbose``'s wording, ``mean_a``/``std_a``
   (no alpha channel: ``data_shape`` has 3 channels) change no value.
 """
@@ -289,10 +300,37 @@ def _number(kw: dict[str, Any], name: str, kind: type = float) -> Any:
     try:
         out = kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"ImageRecordIter: {name} must be a number, got {value!r}") from None
+        what = "a whole number" if kind is int else "a number"  # MXNet refuses "4.0" for ints
+        raise ValueError(f"ImageRecordIter: {name} must be {what}, got {value!r}") from None
     if kind is int and out != float(value):
         raise ValueError(f"ImageRecordIter: {name} must be a whole number, got {value!r}")
     return out
+
+
+def _optional(kw: dict[str, Any], name: str) -> Any:
+    """The value, or None for None and the string ``"None"``: MXNet ``str()``s every
+    keyword, so ``seed_aug="None"`` (and a YAML ``min_aspect_ratio: None``) means unset."""
+    value = kw[name]
+    if value is None or (isinstance(value, str) and value.strip() == "None"):
+        return None
+    return value
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """``data_shape`` as MXNet reads it: a sequence, or a string ``"(3,224,224)"`` /
+    ``"[3,224,224]"`` (MXNet's TShape syntax; a bare ``"3,224,224"`` is refused there)."""
+    values = value
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text[:1] in "([" and text[-1:] in ")]" and len(text) >= 2):
+            raise ValueError(f"ImageRecordIter: data_shape must be (channels, height, width), "
+                             f"got {value!r} (as a string: '(3,224,224)')")  # fmt: skip
+        values = [v for v in text[1:-1].split(",") if v.strip()]
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"ImageRecordIter: data_shape must be (channels, height, width), "
+                         f"got {value!r}") from None  # fmt: skip
 
 
 def _flag(kw: dict[str, Any], name: str) -> bool:
@@ -307,24 +345,32 @@ def _flag(kw: dict[str, Any], name: str) -> bool:
     return bool(value)
 
 
-def _backend(ctx: Any, device_id: int) -> tuple[str, str, int]:
-    """(device, backend, GPU number) from ``ctx`` and ``GPUREC_MXNET_BACKEND``."""
+def _backend(ctx: Any, device_id: int) -> tuple[str, str, int, str]:
+    """(device, backend, GPU number, what asked for the GPU) from ``ctx``, ``device_id``
+    and ``GPUREC_MXNET_BACKEND``."""
     env = os.environ.get(BACKEND_ENV, "").strip().lower() or "cpu"
     if env not in ("cpu", "dali", "gpu"):
         raise ValueError(f"{BACKEND_ENV}={env!r}: use 'cpu' (OpenCV), 'dali' (DALI, CPU "
                          "mode) or 'gpu' (DALI on GPU device_id)")  # fmt: skip
     if isinstance(ctx, Context):
         if ctx.device_type == "gpu":
-            return "gpu", "dali", ctx.device_id
+            if ctx.device_id < 0:
+                raise ValueError(f"ImageRecordIter: ctx={ctx} names no GPU (use gpu(0), "
+                                 "gpu(1)...)")  # fmt: skip
+            return "gpu", "dali", ctx.device_id, f"ctx={ctx}"
         if ctx.device_type != "cpu":
             raise ValueError(f"ImageRecordIter: ctx {ctx} is neither cpu nor gpu")
-        return "cpu", "cpu" if env == "gpu" else env, 0
+        return "cpu", "cpu" if env == "gpu" else env, 0, ""
     if ctx not in ("gpu", "cpu"):
         raise ValueError(f"ImageRecordIter: ctx must be 'gpu' or 'cpu' (MXNet's) or "
                          f"gpurec.mxnet.gpu(i)/cpu(), got {ctx!r}")  # fmt: skip
     if env == "gpu":
-        return "gpu", "dali", device_id
-    return "cpu", env, 0
+        if device_id < 0:  # MXNet's -1: its internal arrays on the CPU
+            raise ValueError(f"ImageRecordIter: device_id={device_id} names no GPU, and "
+                             f"{BACKEND_ENV}=gpu puts the batches on GPU device_id: give "
+                             f"device_id >= 0, or unset {BACKEND_ENV}")  # fmt: skip
+        return "gpu", "dali", device_id, f"{BACKEND_ENV}=gpu"
+    return "cpu", env, 0, ""
 
 
 def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -343,11 +389,7 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     if kw["aug_seq"] != "aug_default":
         raise ValueError(f"ImageRecordIter: aug_seq={kw['aug_seq']!r} is not supported: "
                          "only MXNet's default augmenter, 'aug_default'")  # fmt: skip
-    try:
-        shape = tuple(int(v) for v in kw["data_shape"])
-    except (TypeError, ValueError):
-        raise ValueError(f"ImageRecordIter: data_shape must be (channels, height, width), "
-                         f"got {kw['data_shape']!r}") from None  # fmt: skip
+    shape = _shape(kw["data_shape"])
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"ImageRecordIter: data_shape must be 3 positive numbers "
                          f"(channels, height, width), got {kw['data_shape']!r}")  # fmt: skip
@@ -360,7 +402,7 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     label_width = _number(kw, "label_width", int)
     if label_width < 1:
         raise ValueError(f"ImageRecordIter: label_width must be >= 1, got {label_width}")
-    dtype = kw["dtype"]
+    dtype = _optional(kw, "dtype")
     dtype = "float32" if dtype is None else str(np.dtype(dtype).name if not isinstance(
         dtype, str) else dtype)  # fmt: skip
     if dtype not in DTYPES:
@@ -377,12 +419,13 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     spec["resize"] = max(resize, 0)
 
     max_aspect = _number(kw, "max_aspect_ratio")
-    if kw["min_aspect_ratio"] is None:
+    min_aspect = _optional(kw, "min_aspect_ratio")
+    if min_aspect is None:
         aspect = (1 - max_aspect, 1 + max_aspect)
     else:
         aspect = (_number(kw, "min_aspect_ratio"), max_aspect)
     if aspect[0] <= 0 or aspect[0] > aspect[1]:
-        name = "max_aspect_ratio" if kw["min_aspect_ratio"] is None else "min_aspect_ratio"
+        name = "max_aspect_ratio" if min_aspect is None else "min_aspect_ratio"
         raise ValueError(f"ImageRecordIter: {name} gives the aspect ratio range "
                          f"[{aspect[0]:g}, {aspect[1]:g}]; it must be positive and ordered "
                          "(without min_aspect_ratio: [1 - max, 1 + max])")  # fmt: skip
@@ -460,21 +503,24 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     # The normaliser: MXNet applies none of it to uint8, only the rounded mean to int8.
     normalising = {name: kw[name] for name in _NORMALISING
-                   if float(kw[name]) != float(MXNET_DEFAULTS[name])}  # fmt: skip
+                   if _number(kw, name) != float(MXNET_DEFAULTS[name])}  # fmt: skip
     means = {name: kw[name] for name in ("mean_r", "mean_g", "mean_b")
-             if float(kw[name]) != 0.0}  # fmt: skip
+             if _number(kw, name) != 0.0}  # fmt: skip
     mean_img = os.fspath(kw["mean_img"]) if kw["mean_img"] else ""
+    # MXNet ignores them silently (its own example/quantization/imagenet_inference.py
+    # passes dtype with mean_r..std_b); gpurec ignores them too, and says so.
+    ignored = []
     if dtype == "uint8":
-        given = [*normalising, *means, *(["mean_img"] if mean_img else [])]
-        if given:
-            raise ValueError(
-                f"ImageRecordIter: dtype='uint8' returns the pixels as they are "
-                f"(MXNet skips the normaliser): {given[0]} would have no effect"
-            )
-    elif dtype == "int8" and normalising:
-        raise ValueError(f"ImageRecordIter: dtype='int8' stores x - round(mean) (MXNet's): "
-                         f"{next(iter(normalising))} would have no effect")  # fmt: skip
-    else:
+        ignored = [*normalising, *means, *(["mean_img"] if mean_img else [])]
+        mean_img = ""  # MXNet neither loads nor makes it for uint8
+    elif dtype == "int8":
+        ignored = list(normalising)
+    if ignored:
+        what = ("returns the pixels as they are" if dtype == "uint8"
+                else "stores x - round(mean)")  # fmt: skip
+        log.warning("ImageRecordIter: dtype=%r %s (as MXNet does): %s ignored", dtype, what,
+                    ", ".join(ignored))  # fmt: skip
+    if dtype == "float32":
         spec.update(std=(_number(kw, "std_r"), _number(kw, "std_g"), _number(kw, "std_b")),
                     scale=_number(kw, "scale"),
                     max_random_contrast=_number(kw, "max_random_contrast"),
@@ -519,9 +565,9 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     seed = _number(kw, "seed", int)
     if chunk_shuffle and not shuffle:  # MXNet shuffles chunks even without shuffle
         shuffle, seed = True, _number(kw, "shuffle_chunk_seed", int)
-    seed_aug = None if kw["seed_aug"] is None else _number(kw, "seed_aug", int)
+    seed_aug = None if _optional(kw, "seed_aug") is None else _number(kw, "seed_aug", int)
     device_id = _number(kw, "device_id", int)
-    device, backend, gpu_id = _backend(kw["ctx"], device_id)
+    device, backend, gpu_id, gpu_why = _backend(kw["ctx"], device_id)
     pipeline = dict(
         source=str(rec), batch_size=batch_size, device=device, backend=backend,
         shuffle=shuffle, seed=seed, augment_seed=seed_aug, shard_id=part_index,
@@ -531,7 +577,8 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     state = dict(
         data_name=str(kw["data_name"]), label_name=str(kw["label_name"]),
         label_width=label_width, path_imglist=os.fspath(kw["path_imglist"] or ""),
-        mean_img=mean_img, gpu_id=gpu_id, verbose=_flag(kw, "verbose"), dtype=dtype,
+        mean_img=mean_img, gpu_id=gpu_id, gpu_why=gpu_why, verbose=_flag(kw, "verbose"),
+        dtype=dtype,
     )  # fmt: skip
     return {"pipeline": pipeline, "spec": spec, "iter": state}
 
@@ -580,15 +627,38 @@ class ImageRecordIter:
     """
 
     def __init__(self, **kwargs: Any) -> None:
+        self._build(kwargs, {})
+
+    @classmethod
+    def with_pipeline_options(cls, options: dict[str, Any], **kwargs: Any) -> ImageRecordIter:
+        """MXNet's keywords plus :class:`gpurec.Pipeline` keywords MXNet has no word for
+        (``on_error``, ``cache_dir``, ``cache_limit``, ``storage_options``): ``gpurec
+        show`` reads an ImageRecordIter config with ``on_error="skip"`` this way."""
+        allowed = {"on_error", "cache_dir", "cache_limit", "storage_options"}
+        other = sorted(set(options) - allowed)
+        if other:
+            raise TypeError(f"ImageRecordIter.with_pipeline_options: {', '.join(other)} is "
+                            f"not one of {', '.join(sorted(allowed))}")  # fmt: skip
+        self = cls.__new__(cls)
+        self._build(kwargs, dict(options))
+        return self
+
+    def _build(self, kwargs: dict[str, Any], extra: dict[str, Any]) -> None:
         from gpurec.augment import AugmentSpec
         from gpurec.pipeline import Pipeline
 
+        self._closed = False
         t = translate(kwargs)
         self._opts = t["iter"]
         self._gpu_id = self._opts["gpu_id"]
         self._device = t["pipeline"]["device"]
-        spec, options = dict(t["spec"]), dict(t["pipeline"])
+        spec, options = dict(t["spec"]), {**t["pipeline"], **extra}
         AugmentSpec(**spec)  # the spec's own errors, before any file is opened
+        width = self._opts["label_width"]
+        # A bad .lst is reported before any work (the Pipeline, a mean image pass).
+        self._labels = None
+        if self._opts["path_imglist"]:
+            self._labels = read_imglist(self._opts["path_imglist"], width)
         mean_img = self._opts["mean_img"]
         if mean_img and Path(mean_img).exists():
             spec["mean_image"] = self._load_mean(mean_img, spec["data_shape"])
@@ -599,13 +669,10 @@ class ImageRecordIter:
                 spec["mean_image"] = self._make_mean(source, batch_size, options, spec, mean_img)
             self.pipe = Pipeline(source, batch_size, **options, **spec)
         self.batch_size = batch_size
-        self._labels = None
-        width = self._opts["label_width"]
-        if self._opts["path_imglist"]:
-            self._labels = read_imglist(self._opts["path_imglist"], width)
-        elif width != self.pipe.label_width:
+        if self._labels is None and width != self.pipe.label_width:
             path = self.pipe.dataset.paths[0]
-            self.pipe.close()
+            with self._on_device():
+                self.pipe.close()
             raise ValueError(
                 f"ImageRecordIter: label_width={width}, but {path} holds "
                 f"{self.pipe.label_width} label(s) per record (set label_width to it, or "
@@ -618,8 +685,10 @@ class ImageRecordIter:
         self.provide_label = [DataDesc(self._opts["label_name"], label_shape, np.float32)]
         self.default_bucket_key = None
         self._epoch: Iterator | None = None
+        self._epoch_batches = 0  # len() of the epoch being read
         self._exhausted = False
         self._current: DataBatch | None = None
+        self._pending: DataBatch | None = None  # read ahead by getdata() (MXNet's first_batch)
         if self._opts["verbose"]:
             log.info("ImageRecordIter: %s, %d records, %s, %d threads", source,
                      len(self.pipe.dataset), self.pipe.backend.__class__.__name__,
@@ -632,8 +701,14 @@ class ImageRecordIter:
 
         if self._device != "gpu":
             return contextlib.nullcontext()
-        import cupy
-
+        try:
+            import cupy
+        except ImportError:
+            raise ImportError(
+                f"ImageRecordIter: {self._opts['gpu_why']} makes the batches on the GPU with "
+                "DALI and CuPy: pip install 'gpurec[gpu]' (CUDA 12), or read on the CPU "
+                f"({BACKEND_ENV}=cpu or dali, ctx=gpurec.mxnet.cpu())"
+            ) from None
         return cupy.cuda.Device(self._gpu_id)
 
     @staticmethod
@@ -696,38 +771,63 @@ class ImageRecordIter:
     def reset(self) -> None:
         """Start the next epoch (MXNet's ``BeforeFirst``). Called before any batch of an
         epoch is read, it changes nothing: scripts that reset at the start of every
-        epoch lose no epoch."""
+        epoch lose no epoch (nor does a batch only looked at by ``getdata()``)."""
+        if self._pending is not None:  # the epoch's first batch, not handed out yet
+            return
         if self._epoch is not None:
-            self._epoch.close()
+            with self._on_device():
+                self._epoch.close()
         self._epoch = None
         self._exhausted = False
         self._current = None
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("ImageRecordIter is closed")
+
     def iter_next(self) -> bool:
         """Move to the next batch; False at the end of the epoch (until ``reset()``)."""
+        self._check_open()
+        if self._pending is not None:
+            self._current, self._pending = self._pending, None
+            return True
         if self._exhausted:
             return False
         with self._on_device():
             if self._epoch is None:
+                self._epoch_batches = self._batches_ahead()
                 self._epoch = iter(self.pipe)
             try:
                 batch = next(self._epoch)
             except StopIteration:
+                batch = None
+            # With round_batch=False, a part smaller than the largest has batches of
+            # padding only at the end of its epoch: MXNet never hands one out.
+            if batch is not None and batch.pad >= self.batch_size:
+                self._epoch.close()
+                batch = None
+            if batch is None:
                 self._exhausted, self._epoch, self._current = True, None, None
                 return False
-        ids = self._record_ids(batch.index)
-        label = batch.label
-        if self._labels is not None:
-            label = self._relabel(ids)
-            if not isinstance(batch.data, np.ndarray):  # the GPU backend: labels there too
-                import cupy
+            ids = self._record_ids(batch.index)
+            label = batch.label
+            if self._labels is not None:
+                label = self._relabel(ids)
+                if not isinstance(batch.data, np.ndarray):  # the GPU backend: labels there too
+                    import cupy
 
-                label = cupy.asarray(label)
+                    label = cupy.asarray(label)
         self._current = DataBatch(
             [_nd(batch.data)], [_nd(label)], int(batch.pad), ids,
             provide_data=self.provide_data, provide_label=self.provide_label,
         )  # fmt: skip
         return True
+
+    def _batches_ahead(self) -> int:
+        """Batches the next epoch hands out: the Pipeline's, less those of padding only."""
+        if self.pipe.last_batch != "pad":
+            return len(self.pipe)
+        return sum(1 for real in self.pipe.plan(self.pipe.epoch).real if real > 0)
 
     def next(self) -> DataBatch:
         if not self.iter_next():
@@ -737,15 +837,25 @@ class ImageRecordIter:
     __next__ = next
 
     def _need_batch(self) -> DataBatch:
+        """The current batch. Before the first ``iter_next()`` of an epoch, its first batch,
+        read ahead and still handed out by the next ``iter_next()``/``next()`` (MXNet's
+        iterator reads it when made, so ``getdata()`` works right away)."""
+        self._check_open()
+        at_start = self._current is None and self._epoch is None and not self._exhausted
+        if at_start and self.iter_next():
+            self._pending = self._current
         if self._current is None:
-            raise RuntimeError("ImageRecordIter: no current batch: call iter_next() first")
+            raise RuntimeError("ImageRecordIter: no current batch: the epoch is over "
+                               "(call reset())")  # fmt: skip
         return self._current
 
-    def getdata(self) -> list:
-        return self._need_batch().data
+    def getdata(self) -> Any:
+        """The current batch's data array (MXNet's ``getdata()``: the array, not a list)."""
+        return self._need_batch().data[0]
 
-    def getlabel(self) -> list:
-        return self._need_batch().label
+    def getlabel(self) -> Any:
+        """The current batch's label array (MXNet's ``getlabel()``: the array, not a list)."""
+        return self._need_batch().label[0]
 
     def getpad(self) -> int:
         return self._need_batch().pad
@@ -754,12 +864,20 @@ class ImageRecordIter:
         return self._need_batch().index
 
     def __len__(self) -> int:
-        """Batches in the epoch being read or the next (MXNet's iterator has no len)."""
-        return len(self.pipe)
+        """Batches in the epoch being read, or in the next (MXNet's iterator has no len;
+        with ``round_batch`` it varies by one from epoch to epoch)."""
+        if self._epoch is not None:
+            return self._epoch_batches
+        return self._batches_ahead()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._pending = None
         self.reset()
-        self.pipe.close()
+        with self._on_device():
+            self.pipe.close()
+        self._closed = True
 
     def __enter__(self) -> ImageRecordIter:
         return self
