@@ -33,7 +33,17 @@ import mxnet as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from mxnet_geometry import ESTIMATE_KEYS, colour_stats, coordinate_image, estimate, fill_margins
+from mxnet_geometry import (
+    COLOUR_COMMON,
+    COLOUR_CONFIGS,
+    ESTIMATE_KEYS,
+    GEOM_COMMON,
+    GEOM_CONFIGS,
+    colour_stats,
+    coordinate_image,
+    estimate,
+    fill_margins,
+)
 
 GOLDEN_IMAGES = Path(
     os.environ.get(
@@ -186,29 +196,6 @@ def run_epochs(it, epochs: int):
 # Random geometry
 # ---------------------------------------------------------------------------------------
 
-GEOM_COMMON = dict(data_shape=(3, 64, 64), batch_size=32, fill_value=255)
-GEOM_CONFIGS = {
-    "a_seed_recipe": dict(
-        resize=80, rand_crop=True, rand_mirror=True, max_rotate_angle=50, max_shear_ratio=0.5
-    ),
-    "b_rand_crop": dict(resize=80, rand_crop=True),
-    "c_scale_aspect": dict(
-        resize=80, rand_crop=True, max_random_scale=1.3, min_random_scale=0.7, max_aspect_ratio=0.25
-    ),
-    "d_random_resized_crop": dict(
-        random_resized_crop=True,
-        min_random_area=0.08,
-        max_random_area=1.0,
-        max_aspect_ratio=4 / 3,
-        min_aspect_ratio=3 / 4,
-    ),
-    "e_crop_size": dict(resize=80, rand_crop=True, min_crop_size=40, max_crop_size=64),
-    "f_pad": dict(resize=64, pad=8, rand_crop=True),
-    "g_rotate_only": dict(resize=80, max_rotate_angle=50),
-    "h_shear_only": dict(resize=80, max_shear_ratio=0.5),
-    "i_rand_mirror": dict(resize=80, rand_mirror=True),
-}
-
 
 def geometry(out: Path) -> dict:
     summary = {}
@@ -282,21 +269,6 @@ def geometry(out: Path) -> dict:
 # ---------------------------------------------------------------------------------------
 # Colour
 # ---------------------------------------------------------------------------------------
-
-COLOUR_COMMON = dict(data_shape=(3, 64, 64), resize=64, batch_size=12)
-COLOUR_CONFIGS = {
-    "baseline": {},
-    "brightness": dict(brightness=0.4),
-    "contrast": dict(contrast=0.4),
-    "saturation": dict(saturation=0.4),
-    "jitter": dict(brightness=0.3, contrast=0.3, saturation=0.3),
-    "random_h": dict(random_h=36),
-    "random_s": dict(random_s=50),
-    "random_l": dict(random_l=50),
-    "pca_noise": dict(pca_noise=0.1),
-    "max_random_contrast": dict(max_random_contrast=0.3),
-    "max_random_illumination": dict(max_random_illumination=20),
-}
 
 
 def colour(out: Path) -> dict:

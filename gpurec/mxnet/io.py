@@ -295,6 +295,14 @@ def write_ndarray_file(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -
 # ------------------------------------------------------------------------ translation
 
 
+def _positive(kw: dict[str, Any], name: str) -> int:
+    """A whole-number keyword that must be at least 1."""
+    value = _number(kw, name, int)
+    if value < 1:
+        raise ValueError(f"ImageRecordIter: {name} must be >= 1, got {value}")
+    return value
+
+
 def _number(kw: dict[str, Any], name: str, kind: type = float) -> Any:
     value = kw[name]
     try:
@@ -396,12 +404,8 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     if shape[0] != 3:
         raise ValueError(f"ImageRecordIter: data_shape {shape} has {shape[0]} channel(s); "
                          "gpurec makes 3-channel (RGB) images only")  # fmt: skip
-    batch_size = _number(kw, "batch_size", int)
-    if batch_size < 1:
-        raise ValueError(f"ImageRecordIter: batch_size must be >= 1, got {batch_size}")
-    label_width = _number(kw, "label_width", int)
-    if label_width < 1:
-        raise ValueError(f"ImageRecordIter: label_width must be >= 1, got {label_width}")
+    batch_size = _positive(kw, "batch_size")
+    label_width = _positive(kw, "label_width")
     dtype = _optional(kw, "dtype")
     dtype = "float32" if dtype is None else str(np.dtype(dtype).name if not isinstance(
         dtype, str) else dtype)  # fmt: skip
@@ -541,12 +545,8 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     if num_parts < 1 or not 0 <= part_index < num_parts:
         raise ValueError(f"ImageRecordIter: part_index must be in 0..num_parts-1, got "
                          f"part_index={part_index}, num_parts={num_parts}")  # fmt: skip
-    threads = _number(kw, "preprocess_threads", int)
-    if threads < 1:
-        raise ValueError(f"ImageRecordIter: preprocess_threads must be >= 1, got {threads}")
-    prefetch = _number(kw, "prefetch_buffer", int)
-    if prefetch < 1:
-        raise ValueError(f"ImageRecordIter: prefetch_buffer must be >= 1, got {prefetch}")
+    threads = _positive(kw, "preprocess_threads")
+    prefetch = _positive(kw, "prefetch_buffer")
     rec = Path(os.fspath(kw["path_imgrec"]))
     if not rec.is_file():
         raise FileNotFoundError(f"ImageRecordIter: path_imgrec {rec} is not a .rec file")
