@@ -23,7 +23,7 @@ import numpy as np
 from gpurec.augment import AugmentSpec
 
 __all__ = ["ATTEMPTS", "INTERP_CODES", "Colour", "Draws", "Geometry", "colour", "draw",
-           "enlarge_side", "geometry"]  # fmt: skip
+           "enlarge_side", "geometry", "jitter_matrices"]  # fmt: skip
 
 ATTEMPTS = 10  # random-resized crop: windows tried before falling back (MXNet's 10)
 NEAREST, LINEAR, CUBIC, AREA, LANCZOS = range(5)  # cv2.INTER_* values, MXNet's codes
@@ -112,23 +112,12 @@ class Geometry:
     resize_window: bool
     interps: dict[str, int]
     matrix: np.ndarray
-    output: tuple[int, int]  # (width, height): the data shape's
 
     @property
     def axis_aligned(self) -> bool:
         """No rotation or shear: the output is a resized window of the source (possibly
         reaching past its edges when padded)."""
         return self.warp is None
-
-    def source_window(self) -> tuple[float, float, float, float]:
-        """(x0, y0, x1, y1): the source region, in continuous coordinates (pixel ``i``
-        spans ``[i, i + 1)``), that an axis-aligned output covers."""
-        m = self.matrix
-        px, py = 1.0 / m[0, 0], 1.0 / m[1, 1]  # source pixels per output pixel
-        w, h = self.output
-        x0 = (-0.5 - m[0, 2]) * px + 0.5
-        y0 = (-0.5 - m[1, 2]) * py + 0.5
-        return x0, y0, x0 + w * px, y0 + h * py
 
 
 def _resize_map(old: tuple[int, int], new: tuple[int, int]) -> np.ndarray:
@@ -272,7 +261,7 @@ def geometry(spec: AugmentSpec, d: Draws, k: int, width: int, height: int) -> Ge
     sy = math.hypot(total[0, 1], total[1, 1])
     interps["composed"] = _interp(spec, d, k, (1.0, 1.0), (sx, sy))
     return Geometry((width, height), resized, warp, canvas, spec.pad, enlarged, window,
-                    resize_window, interps, total[:2].copy(), (out_w, out_h))  # fmt: skip
+                    resize_window, interps, total[:2].copy())  # fmt: skip
 
 
 @dataclass
@@ -288,6 +277,16 @@ class Colour:
     pca: np.ndarray | None
 
 
+def jitter_matrices(jitter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brightness, contrast and saturation factors ``(..., 3)`` (one image's, or a
+    batch's) as ``(..., 3, 3)`` matrices on RGB and ``(..., 3)`` coefficients of the mean
+    gray (see :func:`colour`), float32."""
+    b, c, s = (jitter[..., j, None, None] for j in range(3))
+    matrix = b * c * (s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA))
+    gray = np.repeat(b[..., 0] * (1 - c[..., 0]), 3, axis=-1)
+    return matrix.astype(np.float32), gray.astype(np.float32)
+
+
 def colour(spec: AugmentSpec, d: Draws, k: int) -> Colour:
     """Image ``k``'s colour steps (None where a step is off).
 
@@ -297,10 +296,7 @@ def colour(spec: AugmentSpec, d: Draws, k: int) -> Colour:
     """
     matrix = gray = None
     if spec.color_jitter:
-        b, c, s = (float(v) for v in d.jitter[k])
-        matrix = (b * c * (s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA))).astype(
-            np.float32)  # fmt: skip
-        gray = np.full(3, b * (1 - c), np.float32)
+        matrix, gray = jitter_matrices(d.jitter[k])
     hsl = d.hsl[k] if spec.hsl_jitter else None
     pca = d.pca[k] if spec.pca_noise else None
     return Colour(matrix, gray, hsl, pca)

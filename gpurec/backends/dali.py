@@ -55,7 +55,7 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
-from gpurec.draws import INTERP_CODES, LUMA, Draws, geometry
+from gpurec.draws import INTERP_CODES, LUMA, Draws, geometry, jitter_matrices
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, UnknownImage, sniff
 
@@ -307,10 +307,8 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
     if INTERP in names:
         out[INTERP] = _DALI_INTERP[interp]
     if spec.color_jitter:
-        b, c, s = (d.jitter[:n, j, None, None] for j in range(3))
-        matrix = b * c * (s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA))  # as colour()
-        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1), np.float32)
-        out[GRAY] = np.repeat(b[:, :, 0] * (1 - c[:, :, 0]), 3, axis=1).astype(np.float32)
+        matrix, out[GRAY] = jitter_matrices(d.jitter[:n])  # the CPU backend's colour()
+        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1))
     if spec.hsl_jitter:
         out[HSL] = d.hsl[:n].astype(np.float32)
     if spec.pca_noise:
