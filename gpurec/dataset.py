@@ -24,6 +24,15 @@ InsightFace's identity records) are not samples: they hold no image.
 
 Samples are numbered 0..N-1 in shard order; :meth:`Dataset.read` returns the record of
 sample ``i`` (IRHeader + payload), which is all the backends need.
+
+A source at a URL (:func:`open_source`) is opened before its `.rec` files are local: its
+`.idx` files are fetched into the shard cache and the `.rec` files are fetched in the
+background (:class:`gpurec.storage.ShardFetcher`), a read waiting for its shard. Without
+the bytes, such a shard's samples are its `.idx` records (InsightFace's declared keys when
+its key-0 record, read by one ranged read, says so); no record is taken for header-only
+and only the offsets' bounds are checked. When the shard arrives it is opened as a local
+file is, and read only if that finds the same samples (:class:`_FetchingReader`).
+Shards without an `.idx` are fetched, and scanned, when the source is opened.
 """
 
 from __future__ import annotations
@@ -36,15 +45,20 @@ import re
 import struct
 import sys
 import tempfile
+import threading
+import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpurec.recordio import (
     IR_SIZE,
+    MAGIC,
     IRHeader,
     RecordIOError,
     RecordReader,
@@ -54,10 +68,16 @@ from gpurec.recordio import (
     unpack,
 )
 
-__all__ = ["Dataset", "Shard", "index_cache_dir", "open_shard", "resolve_source"]
+if TYPE_CHECKING:
+    from gpurec.storage import ShardFetcher
+
+__all__ = ["Dataset", "Shard", "index_cache_dir", "open_shard", "open_source", "resolve_source"]
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.rec$")
 _IR = struct.Struct("<IfQQ")
+_FRAME = struct.Struct("<II")  # magic, cflag << 29 | length
+_LEN_MASK = (1 << 29) - 1
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _CACHE_VERSION = 1
 _PROGRESS_BYTES = 256 << 20  # scans of larger files show a progress bar on a terminal
 
@@ -99,7 +119,7 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **re
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise ValueError("source is empty: give a .rec path, a prefix, a glob or a list")
-    urls = [i for i in items if isinstance(i, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", i)]
+    urls = [i for i in items if isinstance(i, str) and _URL.match(i)]
     fetched: dict[str, list[Path]] = {}
     if urls:  # all of them fetched first, then one eviction that keeps every one
         from gpurec.storage import ShardCache
@@ -125,9 +145,10 @@ class Shard:
     cached scan, ``index_file``) or ``"scan"`` (scanned now). ``other`` counts records
     that are not samples (InsightFace header and identity records), ``lost`` the records
     lost to a cut (``end``: the error that says where the file breaks off).
+    ``reader`` is a :class:`_FetchingReader` for a shard still being fetched.
     """
 
-    reader: RecordReader
+    reader: RecordReader | _FetchingReader
     offsets: np.ndarray
     keys: np.ndarray
     layout: str  # "plain" or "insightface"
@@ -274,7 +295,7 @@ def _cut_error(rec: Path, size: int, at: int, reason: str, intact: int, lost: st
     )
 
 
-def _open_indexed(reader: RecordReader, idx: Path, on_error: str) -> Shard:
+def _open_indexed(reader: RecordReader | _FetchingReader, idx: Path, on_error: str) -> Shard:
     keys, offsets = read_idx(idx)
     rec, size = reader.path, reader.size
     misplaced = reader.misplaced(offsets)
@@ -431,6 +452,220 @@ def open_shard(
         raise
 
 
+class _FetchingReader:
+    """The reader of a shard whose `.rec` is being fetched into the cache (its `.idx` is
+    local), standing in for a :class:`RecordReader` until the bytes are here.
+
+    Before that it answers what opening the shard asks (:func:`_open_indexed`) from the
+    store: the file's size (the listing's) and the first bytes of a record (one ranged
+    read each, kept: the InsightFace header at key 0, the Pipeline's label width). It
+    cannot see every record, so offsets are checked against the size only, no record is
+    header-only, and the last record is taken to end the file. The first read of a
+    record waits for the fetch (``fetch``), opens the local file as a local shard is
+    opened, and reads through it only if that finds the samples the dataset was opened
+    with (``expect``); otherwise every read raises a ValueError naming the URL.
+    """
+
+    _check_offsets = RecordReader._check_offsets  # its messages, from the checks below
+
+    def __init__(
+        self,
+        path: Path,
+        url: str,
+        size: int,
+        fetch: Callable[[], Path],
+        read_range: Callable[[int, int], bytes],
+    ) -> None:
+        self.path, self.url, self.size = path, url, size
+        self.idx_path = path.with_suffix(".idx")
+        self._fetch, self._read_range = fetch, read_range
+        self._heads: dict[int, bytes] = {}
+        self._reader: RecordReader | None = None
+        self._failed: ValueError | None = None  # bytes that disagree with the .idx
+        self._closed = False
+        self._opening = threading.Lock()
+        self._expect: Shard | None = None
+        self._on_error = "raise"
+        _LIVE_READERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock (a parent's thread may hold the old one, waiting)."""
+        self._opening = threading.Lock()
+
+    def expect(self, shard: Shard, on_error: str) -> None:
+        """The samples the dataset was opened with: the local file must give the same."""
+        self._expect, self._on_error = shard, on_error
+
+    # -- what opening the shard asks, before the bytes are here
+    def misplaced(self, offsets: np.ndarray) -> np.ndarray:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        return (offsets < 0) | (offsets % 4 != 0) | (offsets + 8 > self.size)
+
+    def header_only(self, offsets: np.ndarray) -> np.ndarray:
+        return np.zeros(len(offsets), dtype=bool)
+
+    def skip_at(self, offset: int) -> int:
+        return self.size
+
+    def _head(self, offset: int) -> bytes:
+        """The frame header and first 32 bytes of the record at ``offset`` (one ranged read)."""
+        if offset not in self._heads:
+            self._heads[offset] = self._read_range(offset, offset + 8 + IR_SIZE + 8)
+        return self._heads[offset]
+
+    def frame_at(self, offset: int) -> tuple[int, int]:
+        if self._reader is not None:
+            return self._reader.frame_at(offset)
+        head = self._head(int(offset))
+        magic, lrec = _FRAME.unpack_from(head) if len(head) >= 8 else (None, 0)
+        if magic != MAGIC:
+            got = "no frame header" if magic is None else f"bad magic 0x{magic:08x}"
+            raise RecordIOError(f"{got} in {self.url}", self.path, offset=int(offset))
+        return lrec >> 29, lrec & _LEN_MASK
+
+    def head_at(self, offset: int, n: int = IR_SIZE) -> bytes:
+        offset = int(offset)
+        if self._reader is None and n <= IR_SIZE + 8:
+            head = self._head(offset)
+            if len(head) >= 8:
+                magic, lrec = _FRAME.unpack_from(head)
+                cflag, length = lrec >> 29, lrec & _LEN_MASK
+                whole = cflag == 0 or (cflag == 1 and length >= n)
+                if magic == MAGIC and whole and len(head) >= 8 + min(n, length):
+                    return head[8 : 8 + min(n, length)]
+        return self._open().head_at(offset, n)
+
+    # -- reading: waits for the shard
+    def read_at(self, offset: int) -> tuple[bytes, int]:
+        return self._open().read_at(offset)
+
+    def view_at(self, offset: int) -> memoryview | bytes:
+        return self._open().view_at(offset)
+
+    def _open(self) -> RecordReader:
+        reader = self._reader
+        if reader is None:
+            with self._opening:  # one thread waits and opens; the others wait for it
+                if self._failed is not None:  # a new error each time, from the first
+                    raise ValueError(str(self._failed)) from self._failed
+                if self._closed:
+                    raise ValueError(f"shard {self.url}: the dataset is closed")
+                if self._reader is None:
+                    try:
+                        reader = self._arrive()  # an OSError (fetch failed) is not kept
+                    except ValueError as exc:
+                        self._failed = exc
+                        raise
+                    if self._closed:  # closed while the shard arrived
+                        reader.close()
+                        raise ValueError(f"shard {self.url}: the dataset is closed")
+                    self._reader = reader
+                reader = self._reader
+        return reader
+
+    def _arrive(self) -> RecordReader:
+        local = self._fetch()  # an OSError naming the URL if the fetch failed
+        expect = self._expect
+        try:
+            shard = open_shard(local, self._on_error)
+        except RecordIOError as exc:
+            raise ValueError(f"shard {self.url}, fetched to {local}: {exc}") from exc
+        same = expect is None or (
+            shard.layout == expect.layout
+            and shard.first_label_only == expect.first_label_only
+            and np.array_equal(shard.keys, expect.keys)
+            and np.array_equal(shard.offsets, expect.offsets)
+        )
+        if not same:
+            shard.reader.close()
+            raise ValueError(
+                f"shard {self.url}, fetched to {local}, holds {len(shard)} samples where its "
+                f".idx listed {len(expect)} when the dataset was opened (header-only records, "
+                "offsets off record starts, or a file cut short: only the bytes tell); "
+                "open a local copy (gpurec.storage.fetch_shards) to read what it holds"
+            )
+        return shard.reader
+
+    def close(self) -> None:
+        """Close the shard; reads after this raise. A read waiting for the fetch is woken
+        by closing the fetcher (:meth:`Dataset.close` does that first)."""
+        self._closed = True
+        with self._opening:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+
+# The readers of shards being fetched: a forked child (DataLoader worker) gets new locks.
+_LIVE_READERS: weakref.WeakSet[_FetchingReader] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for reader in list(_LIVE_READERS):
+        reader._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open_source(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    on_error: str = "raise",
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
+    storage_options: dict | None = None,
+) -> Dataset:
+    """The :class:`Dataset` of a source (see :func:`resolve_source`), without waiting for
+    the `.rec` files of shards at URLs: their `.idx` files and the dataset's
+    ``classes.json`` are fetched into the shard cache (``cache_dir``, ``cache_limit``,
+    ``storage_options``: see :class:`gpurec.storage.ShardCache`), the shards already there
+    are opened as local files, and the others are fetched when asked for
+    (:meth:`Dataset.prefetch`) or read. Shards without an `.idx` are fetched (and scanned)
+    now. Local sources open as ``Dataset(resolve_source(source))``."""
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    urls = list(dict.fromkeys(i for i in items if isinstance(i, str) and _URL.match(i)))
+    if not urls:
+        return Dataset(resolve_source(items), on_error=on_error)
+    from gpurec.storage import ShardCache, ShardFetcher
+
+    cache = ShardCache(cache_dir, cache_limit, storage_options)
+    remote = {url: cache.resolve(url) for url in urls}
+    every = [files for shards in remote.values() for files in shards]
+    fetcher = ShardFetcher(cache, keep=[cache.local(files[0]) for files in every])
+
+    def prepare(files) -> Path | Shard:
+        indexed = any(r.path == files[0].path[:-4] + ".idx" for r in files[1:])
+        if not indexed:
+            return cache.fetch_shard(files)  # scanned below
+        rec = cache.fetch_shard(files, whole=False)
+        if rec is not None:  # already in the cache
+            return rec
+        rec = fetcher.add(files)
+        reader = _FetchingReader(
+            rec,
+            files[0].url,
+            files[0].size,
+            lambda: fetcher.wait(rec),
+            lambda start, end: cache.read_range(files[0], start, end),
+        )
+        shard = _open_indexed(reader, reader.idx_path, on_error)
+        reader.expect(shard, on_error)
+        return shard
+
+    with ThreadPoolExecutor(cache.parallel, thread_name_prefix="gpurec-open") as pool:
+        opened = dict(zip(map(id, every), pool.map(prepare, every), strict=True))
+    recs: list[str | os.PathLike | Shard] = []
+    for item in items:
+        if item in remote:
+            recs += [opened[id(files)] for files in remote[item]]
+        else:
+            recs += _resolve_one(item)
+    dataset = Dataset(recs, on_error=on_error, fetcher=fetcher)
+    cache.evict(fetcher.keep)
+    return dataset
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -439,21 +674,31 @@ class Dataset:
 
     ``on_error="skip"`` opens shards that are cut short with their intact records
     (:attr:`lost` counts the rest); ``"raise"`` refuses them, naming file and byte.
+    ``recs`` may hold shards opened already (:func:`open_source`: shards being fetched,
+    by ``fetcher``).
     """
 
     def __init__(
         self,
-        recs: Sequence[str | os.PathLike],
+        recs: Sequence[str | os.PathLike | Shard],
         *,
         on_error: str = "raise",
         cache_dir: str | os.PathLike | None = None,
+        fetcher: ShardFetcher | None = None,
     ) -> None:
         self.shards: list[Shard] = []
+        self.fetcher = fetcher
+        if fetcher is not None:  # a dataset dropped unclosed stops its fetches
+            weakref.finalize(self, fetcher.close)
         try:
             for rec in recs:
-                self.shards.append(open_shard(rec, on_error, cache_dir))
+                opened = rec if isinstance(rec, Shard) else open_shard(rec, on_error, cache_dir)
+                self.shards.append(opened)
         except BaseException:
             self.close()
+            for rec in recs[len(self.shards) :]:
+                if isinstance(rec, Shard):
+                    rec.reader.close()
             raise
         self.shard_sizes = [len(s) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
@@ -464,7 +709,8 @@ class Dataset:
             other = sum(s.other for s in self.shards)
             self.close()
             held = f" ({other} header-only records, no image)" if other else ""
-            raise ValueError(f"the source holds no records{held}: {', '.join(map(str, recs))}")
+            names = ", ".join(str(r.path if isinstance(r, Shard) else r) for r in recs)
+            raise ValueError(f"the source holds no records{held}: {names}")
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -516,11 +762,40 @@ class Dataset:
             return self.read(i)
         return s.reader.view_at(int(self._offsets[shard][pos]))
 
+    def head(self, i: int) -> bytes:
+        """The IRHeader of sample ``i``'s record as :meth:`read` gives it (fewer bytes for
+        a shorter record), from the record's first bytes alone: of a shard still being
+        fetched, one ranged read from the store, without waiting for the shard."""
+        shard, pos = self.locate(i)
+        s = self.shards[shard]
+        head = bytes(s.reader.head_at(int(self._offsets[shard][pos]), IR_SIZE + 4))
+        if s.first_label_only and head[:4] != b"\0\0\0\0" and len(head) >= IR_SIZE + 4:
+            _, _, id1, id2 = _IR.unpack_from(head)  # InsightFace: the first label, as read()
+            label = float(np.frombuffer(head, "<f4", 1, IR_SIZE)[0])
+            return header_bytes(IRHeader(0, label, id1, id2))
+        return head[:IR_SIZE]
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Fetch the shards of samples ``indices`` (in the order they will be read)
+        first needed first, ahead of those asked for before; nothing for local shards."""
+        if self.fetcher is None or not len(indices):
+            return
+        shards = np.searchsorted(self.starts, indices, side="right") - 1
+        _, first = np.unique(shards, return_index=True)
+        self.fetcher.prioritise(self.shards[k].path for k in shards[np.sort(first)].tolist())
+
     def where(self, i: int) -> str:
         """``shard.rec record K at byte B``: how errors name a record."""
         shard = self.locate(i)[0]
         return f"{self.shards[shard].path} {self.name(i)} at byte {self.offset(i)}"
 
+    def stop_fetching(self) -> None:
+        """Take up no more shard fetches and wake the reads waiting for one (they raise);
+        fetches under way finish in their threads. :meth:`close` does this first."""
+        if self.fetcher is not None:
+            self.fetcher.close()
+
     def close(self) -> None:
+        self.stop_fetching()
         for shard in self.shards:
             shard.reader.close()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gpurec.augment import AugmentSpec
-from gpurec.dataset import Dataset, resolve_source
+from gpurec.dataset import open_source
 from gpurec.draws import Draws, draw
 from gpurec.order import LAST_BATCH, Plan, Segment, batches_for, plan, rank_range
 from gpurec.recordio import RecordIOError
@@ -155,7 +155,8 @@ class Pipeline:
         self._plans: dict[tuple, Plan] = {}  # the last plans made, by (epoch, segments)
 
         remote = dict(cache_dir=cache_dir, cache_limit=cache_limit, storage_options=storage_options)
-        self.dataset = Dataset(resolve_source(source, **remote), on_error=on_error)
+        # Shards at URLs: their .rec files are fetched in the background, first needed first.
+        self.dataset = open_source(source, on_error=on_error, **remote)
         # Records lost to files cut short belong to the dataset, not to a rank: rank 0
         # counts them, so that the ranks' counts add up.
         self.skipped = self.dataset.lost if shard_id == 0 else 0
@@ -168,7 +169,7 @@ class Pipeline:
                 f"last_batch='drop' leaves no batch: a rank's share is {n // num_shards} "
                 f"records, below batch_size {batch_size}"
             )
-        first = self.dataset.read(0)
+        first = self.dataset.head(0)  # without waiting for a shard being fetched
         if len(first) < 4:
             raise RecordIOError(f"record 0 has no IRHeader: {self.dataset.where(0)}")
         self.label_width = max(1, int.from_bytes(first[:4], "little"))  # IRHeader.flag
@@ -295,6 +296,7 @@ class Pipeline:
         if start >= plan.batches:  # an elastic resume found nothing left of the epoch
             self.epoch, self._next_batch, self._segments = plan.epoch + 1, 0, ()
             return
+        self.dataset.prefetch(plan.indices[start * plan.batch_size :])  # shards at URLs
         for b, (data, label, real) in enumerate(self.backend.run_epoch(plan, start), start):
             pad = self.batch_size - real
             index = plan.batch(b)
@@ -383,6 +385,9 @@ class Pipeline:
         self._resume = True
 
     def close(self) -> None:
+        # Reads waiting for shards being fetched give up first: the backend's close
+        # waits for its reads, not for downloads.
+        self.dataset.stop_fetching()
         self.backend.close()
         self.dataset.close()
 

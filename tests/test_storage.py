@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -167,6 +168,125 @@ def test_pipeline_reads_s3_through_the_cache_and_a_second_open_fetches_nothing(
     paths = again.fetch(f"s3://{BUCKET}/data/ds")
     assert again.fetched == [] and len(again.reused) == 7  # 3 x (.rec, .idx) + classes
     assert [p.name for p in paths] == cached
+
+
+def test_a_pipeline_on_s3_fetches_its_idx_files_then_its_own_first_shard_first(
+    s3, tmp_path: Path
+) -> None:
+    from gpurec import Pipeline
+
+    local = _packed(tmp_path, s3)  # 24 records, 8 per shard
+    cache_dir = tmp_path / "cache"
+    kw = dict(device="cpu", backend="cpu", train=False, shuffle=False, num_shards=2, shard_id=1)
+    remote = Pipeline(f"s3://{BUCKET}/data/ds", 4, (3, 24, 24), cache_dir=cache_dir, **kw)
+    names = [f"ds-0000{k}-of-00003" for k in range(3)]
+    assert sorted(p.name for p in cache_dir.rglob("*.idx")) == [f"{n}.idx" for n in names]
+    assert list(cache_dir.rglob("ds.classes.json"))
+    assert not list(cache_dir.rglob("*.rec"))  # nothing fetched before the first iter()
+    plain = Pipeline(str(local / "ds"), 4, (3, 24, 24), **kw)
+    got, want = list(remote), list(plain)
+    assert len(got) == len(want) == 3
+    np.testing.assert_array_equal(got[0].data, want[0].data)  # the first batch...
+    for a, b in zip(got, want, strict=True):  # ...and the rest of the epoch
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.label, b.label)
+        np.testing.assert_array_equal(a.index, b.index)
+    # rank 1 reads records 12..23: shard 1, then shard 2; shard 0 is not this rank's
+    cache = remote.dataset.fetcher.cache
+    assert cache.started == [f"s3://{BUCKET}/data/{n}.rec" for n in names[1:]]
+    assert sorted(p.name for p in cache_dir.rglob("*.rec")) == [f"{n}.rec" for n in names[1:]]
+    remote.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "dali"])
+def test_an_epoch_from_s3_equals_the_local_one(s3, tmp_path: Path, backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from gpurec import Pipeline
+
+    local = _packed(tmp_path, s3)
+    kw = dict(device="cpu", backend=backend, train=False, shuffle=True, seed=5,
+              last_batch="pad")  # fmt: skip
+    remote = Pipeline(f"s3://{BUCKET}/data/ds", 5, (3, 24, 24), cache_dir=tmp_path / "c", **kw)
+    plain = Pipeline(str(local / "ds"), 5, (3, 24, 24), **kw)
+    got, want = list(remote), list(plain)  # the global shuffle: every batch, many shards
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.label, b.label)
+        np.testing.assert_array_equal(a.index, b.index)
+        assert a.pad == b.pad
+    assert sorted(remote.dataset.fetcher.cache.started) == sorted(
+        f"s3://{BUCKET}/data/ds-0000{k}-of-00003.rec" for k in range(3)
+    )
+    remote.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_shard_deleted_after_the_pipeline_is_made_is_named_when_read(
+    s3, tmp_path: Path, on_error: str
+) -> None:
+    from gpurec import Pipeline
+
+    _packed(tmp_path, s3)
+    url = f"s3://{BUCKET}/data/ds-00000-of-00003.rec"
+    pipe = Pipeline(f"s3://{BUCKET}/data/ds", 8, (3, 24, 24), device="cpu", backend="cpu",
+                    train=False, on_error=on_error, cache_dir=tmp_path / "cache")  # fmt: skip
+    s3.delete_object(Bucket=BUCKET, Key="data/ds-00000-of-00003.rec")
+    with pytest.raises(OSError, match=f"cannot fetch shard {url}"):
+        next(iter(pipe))  # not a bad record to skip: the shard is not there
+    assert pipe.skipped == 0
+    pipe.close()
+
+
+def test_an_insightface_file_at_a_url_is_told_by_a_ranged_read(
+    memory_bucket, tmp_path: Path
+) -> None:
+    from test_layouts import insightface_file
+
+    from gpurec import Pipeline
+
+    fs, base = memory_bucket
+    rec = insightface_file(tmp_path / "face", multi_label=True)
+    for f in (rec, rec.with_suffix(".idx")):
+        fs.put_file(str(f), f"{base}/{f.name}")
+    cache_dir = tmp_path / "cache"
+    pipe = Pipeline(f"memory://{base}/face", 6, (3, 16, 16), device="cpu", backend="cpu",
+                    train=False, cache_dir=cache_dir)  # fmt: skip
+    assert not list(cache_dir.rglob("*.rec"))
+    (shard,) = pipe.dataset.shards
+    assert shard.layout == "insightface" and shard.keys.tolist() == [1, 2, 3, 4, 5, 6]
+    assert pipe.label_width == 1  # the first label, as read() gives it, from the store
+    (batch,) = list(pipe)
+    assert batch.label.tolist() == [0, 0, 1, 1, 2, 2]
+    np.testing.assert_allclose(batch.data.mean(axis=(1, 2, 3)), 20 + 100 * batch.label, atol=2)
+    pipe.close()
+
+
+def test_a_shard_whose_bytes_disagree_with_its_idx_is_refused_naming_its_url(
+    memory_bucket, tmp_path: Path
+) -> None:
+    from test_layouts import insightface_file
+
+    from gpurec import Pipeline
+    from gpurec.recordio import read_idx, write_idx
+
+    fs, base = memory_bucket
+    rec = insightface_file(tmp_path / "face")
+    keys, offsets = read_idx(rec.with_suffix(".idx"))
+    write_idx(rec.with_suffix(".idx"), keys[1:], offsets[1:])  # no header: identities listed
+    for f in (rec, rec.with_suffix(".idx")):
+        fs.put_file(str(f), f"{base}/{f.name}")
+    kw = dict(device="cpu", backend="cpu", train=False, shuffle=False)
+    with Pipeline(rec, 3, (3, 16, 16), **kw) as plain:  # header-only identities left out
+        assert len(plain.dataset) == 6
+    pipe = Pipeline(f"memory://{base}/face", 3, (3, 16, 16), cache_dir=tmp_path / "c", **kw)
+    assert len(pipe.dataset) == 9  # from the .idx alone
+    with pytest.raises(ValueError, match=f"shard memory://{base}/face.rec.* holds 6 samples"):
+        next(iter(pipe))
+    pipe.close()
 
 
 def test_a_shard_changed_remotely_is_fetched_again(s3, tmp_path: Path) -> None:
@@ -386,3 +506,262 @@ def test_a_malformed_storage_option_is_not_echoed() -> None:
         with pytest.raises(ValueError) as info:
             parse_storage_options(["anon=true", item])
         assert "s3cr3t" not in str(info.value) and "#2" in str(info.value)
+
+
+# ------------------------------------------------- background fetches: failures, close, fork
+
+# A memory filesystem whose `.rec` downloads are slow and can fail (a store's transient
+# errors), registered as "slowmem" in this process and in the subprocesses below.
+SLOWMEM = """
+import time
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+
+
+class SlowMemory(MemoryFileSystem):
+    protocol = "slowmem"
+    delay = 0.0
+    fail_next = 0
+    streamed = False  # write half the file, then wait: a .part exists meanwhile
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return MemoryFileSystem._strip_protocol(path.removeprefix("slowmem://"))
+
+    def get_file(self, rpath, lpath, *args, **kwargs):
+        if rpath.endswith(".rec"):
+            if SlowMemory.fail_next > 0:
+                SlowMemory.fail_next -= 1
+                raise OSError("transient network error")
+            if SlowMemory.streamed:
+                data = self.cat_file(rpath)
+                with open(lpath, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    time.sleep(SlowMemory.delay)
+                    f.write(data[len(data) // 2 :])
+                return None
+            time.sleep(SlowMemory.delay)
+        return super().get_file(rpath, lpath, *args, **kwargs)
+
+
+fsspec.register_implementation("slowmem", SlowMemory, clobber=True)
+"""
+_slowmem: dict = {}
+exec(SLOWMEM, _slowmem)
+SlowMemory = _slowmem["SlowMemory"]
+
+
+def _pack_to_slowmem(tmp_path: Path, shards: int) -> tuple[str, Path]:
+    """A dataset packed locally and copied to the slowmem filesystem: (its URL, local dir)."""
+    import fsspec
+
+    from gpurec.pack import pack
+
+    root = color_tree(tmp_path / "img", per_class=8)
+    pack(root, tmp_path / "local" / "ds", resize=32, shards=shards, workers=1)
+    fs = fsspec.filesystem("slowmem")
+    for path in sorted((tmp_path / "local").iterdir()):
+        fs.put_file(str(path), f"/{tmp_path.name}/{path.name}")
+    return f"slowmem:///{tmp_path.name}/ds", tmp_path / "local"
+
+
+@pytest.fixture
+def slow_bucket(tmp_path: Path):
+    """(URL, local dir) of 3 shards of 8 records on the slowmem filesystem."""
+    import fsspec
+
+    from gpurec.storage import release_shards
+
+    SlowMemory.delay, SlowMemory.fail_next, SlowMemory.streamed = 0.0, 0, False
+    yield _pack_to_slowmem(tmp_path, 3)
+    SlowMemory.delay, SlowMemory.fail_next, SlowMemory.streamed = 0.0, 0, False
+    release_shards()
+    fsspec.filesystem("slowmem").rm(f"/{tmp_path.name}", recursive=True)
+
+
+def _fetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gpurec-fetch")]
+
+
+def test_a_transient_fetch_error_is_retried_and_a_failed_fetch_is_tried_again_later(
+    slow_bucket, tmp_path: Path, monkeypatch
+) -> None:
+    from gpurec.dataset import Dataset, open_source
+    from gpurec.storage import ShardFetcher
+
+    url, local = slow_bucket
+    monkeypatch.setattr(ShardFetcher, "RETRY_DELAYS", (0.01,))  # two tries
+    plain = Dataset([local / f"ds-0000{k}-of-00003.rec" for k in range(3)])
+    ds = open_source(url, cache_dir=tmp_path / "c")
+    SlowMemory.fail_next = 1  # one error: the second try fetches the shard
+    assert ds.read(0) == plain.read(0)
+    SlowMemory.fail_next = 2  # both tries of shard 1 fail...
+    with pytest.raises(OSError, match=r"cannot fetch shard slowmem:.*00001-of-00003\.rec") as one:
+        ds.read(8)
+    SlowMemory.fail_next = 2
+    with pytest.raises(OSError, match="transient network error") as two:
+        ds.read(8)  # ...asked for again, and failing again
+    assert one.value is not two.value
+    assert ds.read(8) == plain.read(8)  # ...and fetched when the store answers
+    assert [ds.read(i) for i in range(len(ds))] == [plain.read(i) for i in range(len(plain))]
+    ds.close()
+    plain.close()
+
+
+def test_fetch_threads_end_when_idle_and_a_dataset_dropped_unclosed_stops_fetching(
+    slow_bucket, tmp_path: Path
+) -> None:
+    import gc
+
+    from gpurec.dataset import open_source
+
+    url, _ = slow_bucket
+    before = set(_fetch_threads())
+    ds = open_source(url, cache_dir=tmp_path / "c")
+    ds.read(0)
+    deadline = time.monotonic() + 5
+    while set(_fetch_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not set(_fetch_threads()) - before  # nothing queued: no thread waits
+    ds.prefetch(np.arange(len(ds)))
+    fetcher = ds.fetcher
+    del ds
+    gc.collect()
+    assert fetcher._closed  # the dataset's finalizer closed its fetcher
+    deadline = time.monotonic() + 5
+    while set(_fetch_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not set(_fetch_threads()) - before
+
+
+def test_closing_a_dataset_wakes_a_read_waiting_for_its_shard_and_reads_after_raise(
+    slow_bucket, tmp_path: Path
+) -> None:
+    from gpurec.dataset import open_source
+
+    url, _ = slow_bucket
+    SlowMemory.delay = 1.0
+    ds = open_source(url, cache_dir=tmp_path / "c")
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            got["read"] = ds.read(0)
+        except Exception as exc:
+            got["read"] = exc
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.3)  # the read waits for shard 0, being fetched
+    start = time.monotonic()
+    ds.close()
+    reader.join(5)
+    assert time.monotonic() - start < 0.5  # not the download's second
+    assert isinstance(got["read"], OSError) and "closed before it was fetched" in str(got["read"])
+    time.sleep(1.2)  # the download finishes in its thread: the shard is not opened
+    with pytest.raises((OSError, ValueError), match="closed"):
+        ds.read(0)
+    assert ds.shards[0].reader._reader is None
+
+
+def test_pipeline_close_does_not_wait_for_the_downloads_under_way(tmp_path: Path) -> None:
+    import fsspec
+
+    from gpurec import Pipeline
+    from gpurec.storage import release_shards
+
+    url, _ = _pack_to_slowmem(tmp_path, 6)  # more shards than fetched at a time (4)
+    SlowMemory.delay = 1.5
+    try:
+        pipe = Pipeline(url, 4, (3, 24, 24), device="cpu", backend="cpu", train=False,
+                        shuffle=True, seed=1, num_threads=2, cache_dir=tmp_path / "c")  # fmt: skip
+        it = iter(pipe)
+        next(it)  # the first 4 shards here, reads of the other 2 waiting for them
+        del it
+        start = time.monotonic()
+        pipe.close()
+        assert time.monotonic() - start < 0.75
+    finally:
+        SlowMemory.delay = 0.0
+        release_shards()
+        fsspec.filesystem("slowmem").rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_stale_part_files_are_removed_by_the_next_fetch(slow_bucket, tmp_path: Path) -> None:
+    from gpurec.dataset import open_source
+    from gpurec.storage import ShardCache
+
+    url, _ = slow_bucket
+    cache = ShardCache(tmp_path / "c")
+    rec = cache.local(cache.resolve(url)[0][0])
+    rec.parent.mkdir(parents=True, exist_ok=True)
+    stale = rec.with_name(f"{rec.name}.999999.1.part")  # a process killed mid-fetch
+    stale.write_bytes(b"half a shard")
+    ds = open_source(url, cache_dir=tmp_path / "c")
+    ds.read(0)
+    assert not stale.exists() and rec.exists()
+    ds.close()
+
+
+def _run_slowmem_script(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_storage import SlowMemory, _pack_to_slowmem
+        tmp_path = Path({str(tmp_path)!r})
+    """) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=90)  # fmt: skip
+
+
+def test_a_process_exiting_mid_fetch_leaves_no_part_files(tmp_path: Path) -> None:
+    res = _run_slowmem_script(
+        tmp_path,
+        """
+        import time
+        import numpy as np
+        from gpurec.dataset import open_source
+        url, _ = _pack_to_slowmem(tmp_path, 3)
+        SlowMemory.delay, SlowMemory.streamed = 10.0, True
+        ds = open_source(url, cache_dir=tmp_path / "c")
+        ds.prefetch(np.arange(len(ds)))
+        time.sleep(1.0)
+        print(len(list((tmp_path / "c").rglob("*.part"))), flush=True)
+        sys.exit(1)  # e.g. an exception in the training loop
+    """,
+    )
+    assert res.stdout.strip() == "3", res.stderr  # three downloads were under way...
+    assert not list((tmp_path / "c").rglob("*.part"))  # ...and left nothing
+
+
+def test_a_forked_child_fetches_on_its_own_what_its_parent_was_fetching(tmp_path: Path) -> None:
+    """A DataLoader-style fork while the parent's threads fetch a shard and a read waits
+    for it: the child has neither, and must fetch and read every record itself."""
+    res = _run_slowmem_script(
+        tmp_path,
+        """
+        import multiprocessing, threading, time
+        from gpurec.dataset import Dataset, open_source
+        url, local = _pack_to_slowmem(tmp_path, 3)
+        SlowMemory.delay = 1.5
+        ds = open_source(url, cache_dir=tmp_path / "c")
+        threading.Thread(target=ds.read, args=(0,), daemon=True).start()
+        time.sleep(0.3)  # shard 0 being fetched, the read waiting for it
+        plain = Dataset([local / f"ds-0000{k}-of-00003.rec" for k in range(3)])
+        want = [plain.read(i) for i in range(len(plain))]
+        def child():
+            SlowMemory.delay = 0.0
+            sys.exit(0 if [ds.read(i) for i in range(len(ds))] == want else 3)
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            print("hung")
+        print(proc.exitcode)
+    """,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "0", (res.stdout, res.stderr)
