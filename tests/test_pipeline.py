@@ -584,6 +584,33 @@ def test_forked_workers_do_not_hang_on_an_inherited_dali_pipeline(golden) -> Non
     assert res.returncode == 0 and res.stdout.strip() == "[0, 1, 2, 3]", res.stderr
 
 
+def test_a_forked_child_iterates_an_inherited_cpu_pipeline(golden) -> None:
+    """A Pipeline iterated, then inherited by a forked child (a DataLoader worker, a
+    multiprocessing pool): the child's epoch is the parent's, on thread pools of its
+    own (the inherited pool has no threads in the child)."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(f"""
+        import multiprocessing
+        from gpurec import Pipeline
+        pipe = Pipeline({str(golden / "resized.rec")!r}, 4, (3, 32, 32), device="cpu",
+                        backend="cpu", train=False, num_threads=2)
+        it = iter(pipe)
+        next(it)  # the pool's threads are running in the parent
+        del it
+        want = [b.label.tolist() for b in pipe]
+        def child(i):
+            return [b.label.tolist() for b in pipe]
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map(child, range(2), chunksize=1)
+        print(got == [want, want] and len(want) == 3)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_unused_iterator_leaves_a_loaded_checkpoint_in_force(tmp_path, backend) -> None:
     shards = numbered_shards(tmp_path, counts=(10, 8))

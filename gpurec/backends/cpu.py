@@ -78,8 +78,10 @@ images each, so the executor's per-task cost is paid a few times per batch.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -192,6 +194,21 @@ class _Luts:
         self.rgb = np.ascontiguousarray(tables.T.reshape(256, 1, 3))
 
 
+# CPU backends alive in this process. A forked child (a DataLoader worker, a
+# multiprocessing pool) inherits their thread pools without the threads: a batch asked
+# for there would wait forever. The child gets pools (and scratch images) of its own.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _new_pools_in_child() -> None:
+    for backend in list(_LIVE):
+        backend._pool = backend._new_pool()
+        backend._local = threading.local()
+
+
+os.register_at_fork(after_in_child=_new_pools_in_child)
+
+
 class CPUBackend:
     """Turns a batch of record indices into a NumPy batch (see module docstring)."""
 
@@ -211,10 +228,14 @@ class CPUBackend:
         # Batches handed out, reused once nobody holds them any more (see _new_batch).
         self._handed: deque[np.ndarray] = deque(maxlen=pipe.prefetch + 3)
         cv2.setNumThreads(1)  # parallelism comes from our threads
-        self._pool = ThreadPoolExecutor(pipe.num_threads, thread_name_prefix="gpurec-cpu")
+        self._pool = self._new_pool()
+        _LIVE.add(self)
         # Images per task: a batch in about 2 tasks per thread, so the executor's cost is
         # paid a few times per batch while every thread still has work at a batch's end.
         self._chunk = max(1, math.ceil(pipe.batch_size / (2 * pipe.num_threads)))
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.pipe.num_threads, thread_name_prefix="gpurec-cpu")
 
     # ---------------------------------------------------------------------- records
     def _unpack(self, index: int):
