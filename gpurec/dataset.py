@@ -285,7 +285,7 @@ def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> 
     return None
 
 
-def _cut_error(rec: Path, size: int, at: int, reason: str, intact: int, lost: str) -> RecordIOError:
+def _cut_error(rec: Path | str, size: int, at: int, reason: str, intact: int, lost: str) -> RecordIOError:
     return RecordIOError(
         f"the file is cut short or broken: it ends at byte {size}, and the record at byte "
         f"{at} cannot be read ({reason}); {intact} intact record(s) before it, {lost}. "
@@ -297,7 +297,7 @@ def _cut_error(rec: Path, size: int, at: int, reason: str, intact: int, lost: st
 
 def _open_indexed(reader: RecordReader | _FetchingReader, idx: Path, on_error: str) -> Shard:
     keys, offsets = read_idx(idx)
-    rec, size = reader.path, reader.size
+    rec, size = getattr(reader, "url", reader.path), reader.size  # errors name the URL if remote
     misplaced = reader.misplaced(offsets)
     past_end = misplaced & (offsets + 8 > size) & (offsets >= 0)
     if (misplaced & ~past_end).any():  # a wrong .idx, not a short file: always an error
@@ -505,7 +505,34 @@ class _FetchingReader:
         return np.zeros(len(offsets), dtype=bool)
 
     def skip_at(self, offset: int) -> int:
-        return self.size
+        """The offset after the record at ``offset``, walking its frames by ranged reads of
+        their 8-byte headers (what opening asks of the last record, the one a cut reaches),
+        with :meth:`RecordReader.skip_at`'s checks and errors."""
+        pos, size, url = int(offset), self.size, self.url
+        while True:
+            if pos + 8 > size:
+                left = f"truncated record: {size - pos} bytes left, a frame header needs 8"
+                reason = f"past the end of the {size}-byte file" if pos >= size else left
+                raise RecordIOError(reason, url, offset=pos)
+            head = self._head(pos) if pos == offset else self._read_range(pos, pos + 8)
+            if len(head) < 8:
+                raise RecordIOError("the store returned fewer bytes than it lists", url, offset=pos)
+            magic, lrec = _FRAME.unpack_from(head)
+            if magic != MAGIC:
+                where = "not at a record start" if pos == offset else "inside a split record"
+                raise RecordIOError(f"bad magic 0x{magic:08x} ({where})", url, offset=pos)
+            cflag, length = lrec >> 29, lrec & _LEN_MASK
+            if cflag not in ((0, 1) if pos == offset else (2, 3)):
+                what = "a record start" if pos == offset else "a continuation part"
+                raise RecordIOError(f"unexpected cflag {cflag} for {what}", url, offset=pos)
+            end = pos + 8 + ((length + 3) & ~3)
+            if end > size:
+                reason = (f"truncated record: the frame announces {length} bytes, "
+                          f"{size - pos - 8} remain in the file")  # fmt: skip
+                raise RecordIOError(reason, url, offset=pos)
+            if cflag in (0, 3):
+                return end
+            pos = end
 
     def _head(self, offset: int) -> bytes:
         """The frame header and first 32 bytes of the record at ``offset`` (one ranged read)."""

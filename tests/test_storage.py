@@ -289,6 +289,37 @@ def test_a_shard_whose_bytes_disagree_with_its_idx_is_refused_naming_its_url(
     pipe.close()
 
 
+@pytest.mark.parametrize("cut", [4, 40], ids=["in-frame-header", "inside-the-record"])
+def test_a_remote_shard_cut_short_loads_as_the_local_file_does(
+    memory_bucket, tmp_path: Path, cut: int
+) -> None:
+    """Opened before its bytes are here, a shard cut in its last record is found cut (by
+    ranged reads of that record's frames): "skip" loads the intact records, as for the
+    local file, "raise" names the URL."""
+    from helpers import numbered_shards
+
+    from gpurec import Pipeline
+    from gpurec.recordio import RecordIOError, read_idx
+
+    fs, base = memory_bucket
+    (rec,) = numbered_shards(tmp_path / "l", counts=(9,))
+    _, offsets = read_idx(rec.with_suffix(".idx"))
+    rec.write_bytes(rec.read_bytes()[: int(offsets[-1]) + cut])
+    for f in (rec, rec.with_suffix(".idx")):
+        fs.put_file(str(f), f"{base}/{f.name}")
+    url = f"memory://{base}/{rec.stem}"
+    kw = dict(device="cpu", backend="cpu", train=False, shuffle=False, last_batch="partial")
+    with Pipeline(rec, 4, (3, 16, 16), on_error="skip", **kw) as local:
+        want = [b.label.tolist() for b in local]
+        assert local.skipped == 1 and len(local.dataset) == 8
+    with Pipeline(url, 4, (3, 16, 16), on_error="skip", cache_dir=tmp_path / "c", **kw) as pipe:
+        assert not list((tmp_path / "c").rglob("*.rec"))  # found cut from the store
+        assert (len(pipe.dataset), pipe.skipped) == (8, 1)
+        assert [b.label.tolist() for b in pipe] == want
+    with pytest.raises(RecordIOError, match=f"memory://{base}/{rec.name}: at byte"):
+        Pipeline(url, 4, (3, 16, 16), on_error="raise", cache_dir=tmp_path / "c2", **kw)
+
+
 def test_a_shard_changed_remotely_is_fetched_again(s3, tmp_path: Path) -> None:
     from gpurec.storage import ShardCache
 
