@@ -285,7 +285,9 @@ def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> 
     return None
 
 
-def _cut_error(rec: Path | str, size: int, at: int, reason: str, intact: int, lost: str) -> RecordIOError:
+def _cut_error(
+    rec: Path | str, size: int, at: int, reason: str, intact: int, lost: str
+) -> RecordIOError:
     return RecordIOError(
         f"the file is cut short or broken: it ends at byte {size}, and the record at byte "
         f"{at} cannot be read ({reason}); {intact} intact record(s) before it, {lost}. "

@@ -170,6 +170,27 @@ def test_pipeline_reads_s3_through_the_cache_and_a_second_open_fetches_nothing(
     assert [p.name for p in paths] == cached
 
 
+def test_imagerecorditer_reads_s3_through_the_cache(s3, tmp_path: Path, monkeypatch) -> None:
+    """``mx.io.ImageRecordIter(path_imgrec="s3://...")``: the issue's MXNet spelling of
+    training from a bucket, through the same cache ($GPUREC_CACHE), with the local
+    file's batches."""
+    import gpurec.mxnet as mx
+
+    local = _packed(tmp_path, s3, shards=1)
+    monkeypatch.setenv("GPUREC_CACHE", str(tmp_path / "cache"))
+    kw = dict(data_shape=(3, 24, 24), batch_size=8, resize=28, rand_crop=True, shuffle=True,
+              seed=3, verbose=False)  # fmt: skip
+    url = f"s3://{BUCKET}/data/ds.rec"
+    remote = mx.io.ImageRecordIter(path_imgrec=url, path_imgidx=url[:-4] + ".idx", **kw)
+    plain = mx.io.ImageRecordIter(path_imgrec=str(local / "ds.rec"), **kw)
+    for a, b in zip(remote, plain, strict=True):
+        np.testing.assert_array_equal(a.data[0].asnumpy(), b.data[0].asnumpy())
+        np.testing.assert_array_equal(a.label[0].asnumpy(), b.label[0].asnumpy())
+    assert [p.name for p in (tmp_path / "cache").rglob("*.rec")] == ["ds.rec"]
+    with pytest.raises(ValueError, match=r"path_imgidx s3://.*other\.idx is not"):
+        mx.io.ImageRecordIter(path_imgrec=url, path_imgidx=f"s3://{BUCKET}/other.idx", **kw)
+
+
 def test_a_pipeline_on_s3_fetches_its_idx_files_then_its_own_first_shard_first(
     s3, tmp_path: Path
 ) -> None:

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from gpurec.mxnet.image import NDArray
+from gpurec.storage import is_url
 
 __all__ = [
     "MXNET_DEFAULTS",
@@ -547,10 +548,17 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
                          f"part_index={part_index}, num_parts={num_parts}")  # fmt: skip
     threads = _positive(kw, "preprocess_threads")
     prefetch = _positive(kw, "prefetch_buffer")
-    rec = Path(os.fspath(kw["path_imgrec"]))
-    if not rec.is_file():
+    rec: Path | str = os.fspath(kw["path_imgrec"])
+    if is_url(rec):  # object storage: fetched into gpurec's shard cache, its .idx with it
+        idx_url = os.fspath(kw["path_imgidx"] or "")
+        beside_url = rec[: -len(".rec")] + ".idx" if rec.endswith(".rec") else None
+        if idx_url and idx_url != beside_url:
+            raise ValueError(f"ImageRecordIter: path_imgidx {idx_url} is not {beside_url}: "
+                             "gpurec reads the .idx beside the .rec")  # fmt: skip
+    elif not Path(rec).is_file():
         raise FileNotFoundError(f"ImageRecordIter: path_imgrec {rec} is not a .rec file")
-    if kw["path_imgidx"]:
+    elif kw["path_imgidx"]:
+        rec = Path(rec)
         idx = Path(os.fspath(kw["path_imgidx"]))
         if not idx.is_file():
             raise FileNotFoundError(f"ImageRecordIter: path_imgidx {idx} does not exist")
