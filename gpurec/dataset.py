@@ -62,6 +62,7 @@ from gpurec.recordio import (
     IRHeader,
     RecordIOError,
     RecordReader,
+    check_frame,
     header_bytes,
     idx_path_for,
     read_idx,
@@ -512,26 +513,13 @@ class _FetchingReader:
         with :meth:`RecordReader.skip_at`'s checks and errors."""
         pos, size, url = int(offset), self.size, self.url
         while True:
-            if pos + 8 > size:
-                left = f"truncated record: {size - pos} bytes left, a frame header needs 8"
-                reason = f"past the end of the {size}-byte file" if pos >= size else left
-                raise RecordIOError(reason, url, offset=pos)
-            head = self._head(pos) if pos == offset else self._read_range(pos, pos + 8)
-            if len(head) < 8:
-                raise RecordIOError("the store returned fewer bytes than it lists", url, offset=pos)
-            magic, lrec = _FRAME.unpack_from(head)
-            if magic != MAGIC:
-                where = "not at a record start" if pos == offset else "inside a split record"
-                raise RecordIOError(f"bad magic 0x{magic:08x} ({where})", url, offset=pos)
-            cflag, length = lrec >> 29, lrec & _LEN_MASK
-            if cflag not in ((0, 1) if pos == offset else (2, 3)):
-                what = "a record start" if pos == offset else "a continuation part"
-                raise RecordIOError(f"unexpected cflag {cflag} for {what}", url, offset=pos)
-            end = pos + 8 + ((length + 3) & ~3)
-            if end > size:
-                reason = (f"truncated record: the frame announces {length} bytes, "
-                          f"{size - pos - 8} remain in the file")  # fmt: skip
-                raise RecordIOError(reason, url, offset=pos)
+            head = b""
+            if pos + 8 <= size:
+                head = self._head(pos) if pos == offset else self._read_range(pos, pos + 8)
+                if len(head) < 8:
+                    raise RecordIOError("the store returned fewer bytes than it lists", url,
+                                        offset=pos)  # fmt: skip
+            cflag, _, end = check_frame(head, 0, pos, int(offset), size, url)
             if cflag in (0, 3):
                 return end
             pos = end

@@ -47,6 +47,7 @@ __all__ = [
     "RecordIOError",
     "RecordReader",
     "RecordWriter",
+    "check_frame",
     "format_lst_line",
     "frame_record",
     "idx_path_for",
@@ -405,6 +406,38 @@ class RecordWriter:
 # ------------------------------------------------------------------------------ reading
 
 
+def check_frame(
+    buf, at: int, pos: int, first: int, size: int, path: PathLike | str | None
+) -> tuple[int, int, int]:
+    """The frame header at byte ``pos`` of a file of ``size`` bytes, in a record that
+    starts at ``first``, read from ``buf`` at ``at`` (the file mapped, ``at == pos``, or
+    just those 8 bytes, ``at == 0``): ``(cflag, length, end of the frame)``, every
+    field checked. One set of checks for every reader of frames."""
+    if pos + 8 > size:
+        if pos >= size:
+            raise RecordIOError(f"past the end of the {size}-byte file", path, offset=pos)
+        raise RecordIOError(
+            f"truncated record: {size - pos} bytes left, a frame header needs 8", path, offset=pos
+        )
+    magic, lrec = _FRAME.unpack_from(buf, at)
+    if magic != MAGIC:
+        where = "not at a record start" if pos == first else "inside a split record"
+        raise RecordIOError(f"bad magic 0x{magic:08x} ({where})", path, offset=pos)
+    cflag, length = lrec >> 29, lrec & _LEN_MASK
+    if cflag not in ((0, 1) if pos == first else (2, 3)):
+        what = "a record start" if pos == first else "a continuation part"
+        raise RecordIOError(f"unexpected cflag {cflag} for {what}", path, offset=pos)
+    end = pos + 8 + ((length + 3) & ~3)
+    if end > size:
+        raise RecordIOError(
+            f"truncated record: the frame announces {length} bytes, "
+            f"{size - pos - 8} remain in the file",
+            path,
+            offset=pos,
+        )
+    return cflag, length, end
+
+
 def _read_frames(
     buf, size: int, offset: int, path: PathLike | None, payload: bool = True
 ) -> tuple[bytes | None, int]:
@@ -419,31 +452,8 @@ def _read_frames(
     if offset < 0:  # unpack_from would count it from the end
         raise RecordIOError("negative offset", path, offset=offset)
     while True:
-        if pos + 8 > size:
-            if pos >= size:
-                raise RecordIOError(f"past the end of the {size}-byte file", path, offset=pos)
-            raise RecordIOError(
-                f"truncated record: {size - pos} bytes left, a frame header needs 8",
-                path,
-                offset=pos,
-            )
-        magic, lrec = _FRAME.unpack_from(buf, pos)
-        if magic != MAGIC:
-            where = "not at a record start" if pos == offset else "inside a split record"
-            raise RecordIOError(f"bad magic 0x{magic:08x} ({where})", path, offset=pos)
-        cflag, length = lrec >> 29, lrec & _LEN_MASK
-        if cflag not in ((0, 1) if pos == offset else (2, 3)):
-            what = "a record start" if pos == offset else "a continuation part"
-            raise RecordIOError(f"unexpected cflag {cflag} for {what}", path, offset=pos)
+        cflag, length, end = check_frame(buf, pos, pos, offset, size, path)
         start = pos + 8
-        end = start + ((length + 3) & ~3)
-        if end > size:
-            raise RecordIOError(
-                f"truncated record: the frame announces {length} bytes, "
-                f"{size - start} remain in the file",
-                path,
-                offset=pos,
-            )
         if cflag == 0:
             return (buf[start : start + length] if payload else None), end
         if payload:
