@@ -9,10 +9,12 @@ standard ImageNet training transform (random-resized crop 224, area 0.08-1, aspe
   the encoded images fed to DALI through ``external_source``) and the same graph
   written directly in DALI (readers.mxnet -> decoders.image_random_crop -> resize ->
   crop_mirror_normalize, CPU mode, outputs copied out with ``as_array``), side by side
-  in one run: the issue's ">= 0.95x raw DALI" is their ratio; ``--config seed`` measures the seed's
-  recipe instead (resize 300, rotation 50, shear 0.5, white fill, random 224, mirror;
-  the raw side: decoders.image -> resize(resize_shorter) -> warp_affine with DALI's random
-  transforms -> crop_mirror_normalize, see ``raw_seed_graph``);
+  in one run: the issue's ">= 0.95x raw DALI" is their ratio. ``dali-raw`` runs on
+  DALI's default executor, ``dali-raw-static`` on the static one gpurec's graph uses.
+  ``--config seed`` measures the seed's recipe instead (resize 300, rotation 50, shear
+  0.5, white fill, random 224, mirror; the raw side: decoders.image ->
+  resize(resize_shorter) -> warp_affine with DALI's random transforms ->
+  crop_mirror_normalize, see ``raw_seed_graph``);
 - ``gpurec.Pipeline(..., backend="cpu")`` (OpenCV and NumPy);
 - the decode limit: ``cv2.imdecode`` of the payloads held in memory, one thread and a
   pool of ``--threads`` threads (each thread decodes its share of the list);
@@ -350,6 +352,7 @@ def child_dali_raw(a: argparse.Namespace) -> dict:
         device_id=None,
         seed=1,
         prefetch_queue_depth=2,
+        exec_dynamic=None if a.exec_dynamic == "default" else False,
     )
     def raw():
         jpegs, labels = fn.readers.mxnet(
@@ -631,6 +634,11 @@ def methods(a: argparse.Namespace, paths: dict) -> dict[str, tuple]:
             key,
             lambda rec=rec: run_child("dali-raw", source=rec, **common),
         )
+        out[f"{tag}dali-raw-static"] = (
+            "the same, on DALI's static executor (exec_dynamic=False, as gpurec's graph)",
+            key,
+            lambda rec=rec: run_child("dali-raw", source=rec, exec_dynamic="off", **common),
+        )
         out[f"{tag}gpurec-cpu"] = (
             "gpurec.Pipeline backend='cpu' (OpenCV)",
             key,
@@ -815,6 +823,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--exec-dynamic", default="default", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -599,6 +599,11 @@ class DALIBackend:
             seed=pipe.seed,
             prefetch_queue_depth=depth,
             checkpoint=checkpoint,
+            # DALI's static executor: its buffers are allocated once and reused, so the
+            # resident size is flat to the MiB over epochs. The dynamic one (DALI 2's
+            # default) allocates each iteration's buffers afresh; fed from Python, that
+            # left glibc holding a changing 20-60 MiB of freed heap (BENCHMARKS.md).
+            exec_dynamic=False,
         )
         pipeline.build()
         _LIVE.add(pipeline)
