@@ -1,11 +1,11 @@
 """RSS of plain DALI (no gpurec Pipeline) fed by ``external_source`` vs ``readers.mxnet``.
 
-    .venv/bin/python benchmarks/rss_external_source.py reader|ext-nocopy|ext-copy
+    .venv/bin/python benchmarks/rss_external_source.py reader|ext-nocopy|ext-copy [static]
 
 Decodes the bench_load.py data set (``/tmp/gpurec-loadbench/r256``, made by
 ``benchmarks/bench_load.py``) for 12 epochs with the training crop and prints VmRSS
-after each: shows whether an RSS swing comes from feeding DALI from Python at all
-(see BENCHMARKS.md, issue 12).
+after each: shows whether an RSS swing comes from feeding DALI from Python at all, and
+(``static``: ``exec_dynamic=False``) from DALI's executor (see BENCHMARKS.md, issue 12).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def rss_mib() -> float:
     return 0.0
 
 
-def main(mode: str, epochs: int = 12) -> list[int]:
+def main(mode: str, static: bool = False, epochs: int = 12) -> list[int]:
     reader = RecordReader(DATA + ".rec")
     payloads = [np.frombuffer(unpack(reader[i])[1], np.uint8) for i in range(len(reader))]
     rng = np.random.default_rng(0)
@@ -43,7 +43,8 @@ def main(mode: str, epochs: int = 12) -> list[int]:
         state["batch"] += 1
         return [payloads[i] for i in state["order"][b * BATCH : (b + 1) * BATCH]]
 
-    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=None, seed=1, prefetch_queue_depth=2)
+    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=None, seed=1, prefetch_queue_depth=2,
+                  exec_dynamic=False if static else None)  # fmt: skip
     def graph():
         if mode == "reader":
             jpegs, _ = fn.readers.mxnet(
@@ -71,4 +72,5 @@ def main(mode: str, epochs: int = 12) -> list[int]:
 
 
 if __name__ == "__main__":
-    print(sys.argv[1], main(sys.argv[1]))
+    static = sys.argv[2:] == ["static"]
+    print(sys.argv[1], "static" if static else "dynamic", main(sys.argv[1], static))
