@@ -109,8 +109,9 @@ class Plan:
     """What one rank reads in (the rest of) an epoch.
 
     ``indices``: ``batches * batch_size`` sample indices, batch after batch, padding
-    included; ``real[b]``: how many of batch ``b`` are not padding; ``segments``: the
-    earlier layouts of this epoch (empty for a normal epoch).
+    included; ``real[b]``: how many of batch ``b`` are this epoch's records (the rest
+    pad it, or with ``wrapped`` are the next epoch's); ``segments``: the earlier layouts
+    of this epoch (empty for a normal epoch).
     """
 
     epoch: int
@@ -118,6 +119,14 @@ class Plan:
     indices: np.ndarray
     real: list[int]
     segments: tuple[Segment, ...] = field(default=())
+    wrapped: bool = False  # last_batch="wrap": the last batch ends in the next epoch
+
+    def reads(self, b: int) -> int:
+        """How many positions of batch ``b`` are reads of a record: ``real[b]``, less the
+        padding that repeats the rank's last record; a wrapped batch reads all of them
+        (the next epoch's records are read there, and not again). What counts a bad
+        record once, not once per padding copy of it."""
+        return self.batch_size if self.wrapped else self.real[b]
 
     @property
     def batches(self) -> int:
@@ -189,4 +198,4 @@ def _wrapped(
     real = [batch_size] * batches
     if batches:  # the next epochs' records in the last batch
         real[-1] -= int(end - (epoch + 1) * share)
-    return Plan(epoch, batch_size, indices, real)
+    return Plan(epoch, batch_size, indices, real, wrapped=True)

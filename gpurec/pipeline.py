@@ -88,9 +88,9 @@ class Pipeline:
     given, draws the augmentations instead (the order keeps ``seed``).
     ``on_error="skip"`` (both backends) replaces a record that does not decode by a good
     one of its batch (augmented with the failed position's own draws) and counts it in
-    ``pipe.skipped``; ``"raise"`` stops with the
-    shard, record and byte offset. ``prefetch``: batches read and
-    decoded ahead of the caller.
+    ``pipe.skipped`` (once per read: copies of it that pad a last batch are not counted);
+    ``"raise"`` stops with the shard, record and byte offset. ``prefetch``: batches read
+    and decoded ahead of the caller.
     """
 
     def __init__(

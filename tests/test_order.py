@@ -29,6 +29,11 @@ def test_padding_repeats_the_last_record_and_counts_real_ones() -> None:
     r1 = plan(10, num_shards=3, shard_id=1, last_batch="pad", **kw)  # rank 1 of 3: 3..5
     assert r1.indices.tolist() == [3, 4, 5, 5] and r1.real == [3]
     assert batches_for(10, 3, 4, "drop") == 0 and batches_for(10, 3, 2, "drop") == 1
+    # reads: the positions that read a record (a bad one is counted there, not per copy)
+    assert [p.reads(b) for b in range(3)] == [4, 4, 2] and r1.reads(0) == 3
+    w = plan(10, num_shards=1, shard_id=0, last_batch="wrap", **kw)
+    assert w.indices.tolist() == [*range(10), 0, 1] and w.real == [4, 4, 2]
+    assert [w.reads(b) for b in range(3)] == [4, 4, 4]  # 0 and 1 are epoch 1's, read here
 
 
 @settings(max_examples=60, deadline=None)

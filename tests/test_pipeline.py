@@ -767,13 +767,36 @@ def test_a_skipped_position_augments_its_stand_in_with_its_own_draws(tmp_path, b
     skip = cpu_pipe(bad_rec, 4, **kw)
     got = list(skip)
     want = list(cpu_pipe(good_rec, 4, **kw))
-    assert skip.skipped == 5  # record 1, and record 8 four times (itself and its padding)
+    assert skip.skipped == 2  # records 1 and 8, not the three padding copies of record 8
     assert [b.label.tolist() for b in got] == [b.label.tolist() for b in want]
     assert got[0].label.tolist() == [0, 0, 2, 3] and got[2].label.tolist() == [7] * 4
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g.data, w.data)
     assert not np.array_equal(got[0].data[1], got[0].data[0])
     assert len({got[2].data[k].tobytes() for k in range(4)}) == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipped_counts_reads_of_bad_records_padding_copies_aside(tmp_path, backend):
+    """``pipe.skipped`` counts each read of a bad record: with ``"pad"`` the copies that
+    pad the last batch are not reads; with ``"wrap"`` the next epoch's records read in
+    the last batch are (and are not read again in the next epoch)."""
+    pngs = [cv2.imencode(".png", np.full((16, 16, 3), 20 * i, np.uint8))[1].tobytes()
+            for i in range(9)]  # fmt: skip
+    pngs[0] = pngs[8] = b"not an image"
+    rec = _records(tmp_path / "bad.rec", pngs, [float(i) for i in range(9)])
+    kw = dict(backend=backend, shuffle=False, on_error="skip", dtype="uint8")
+    padded = cpu_pipe(rec, 4, last_batch="pad", **kw)
+    for _ in padded:
+        pass
+    assert padded.skipped == 2  # records 0 and 8; not 8's three padding copies
+    wrapped = cpu_pipe(rec, 4, last_batch="wrap", **kw)
+    labels = [b.label.tolist() for b in wrapped]  # 0..7, then 8 (bad), 0 (bad), 1, 2
+    assert wrapped.skipped == 3  # 0 in epoch 0's slice, 8, and epoch 1's 0 read here
+    assert labels[0] == [1, 1, 2, 3] and labels[2] == [1, 2, 1, 2]  # k-th bad: k-th good
+    for _ in wrapped:  # epoch 1: records 3..8, then epoch 2's 0 and 1
+        pass
+    assert wrapped.skipped == 5
 
 
 @pytest.mark.parametrize(

@@ -717,7 +717,8 @@ class DALIBackend:
             out.error = failed[0][1]
         elif not good and stand_in is None:
             out.error = RecordIOError(f"no record of the epoch decodes (first: {failed[0][1]})")
-        out.skipped = len(failed)
+        reads = plan.reads(b)  # a bad last record counts once, not per padding copy
+        out.skipped = sum(1 for k, _ in failed if k < reads)
         return out
 
     def _stand_in(self, plan: Plan, b: int, tried: set[int]):
