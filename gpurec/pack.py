@@ -502,6 +502,33 @@ def sweep_work_dirs(folder: Path, prefix: str) -> list[Path]:
     return [old for old in Path(folder).glob(prefix + "*") if old.is_dir() and _stale(old, now)]
 
 
+def _refuse_in_starting_worker() -> None:
+    """A script that calls pack() outside ``if __name__ == "__main__":`` runs again in
+    every worker process as it starts (forkserver and spawn import the main script):
+    stop there, before that copy of the script lists or writes anything, with the cause
+    (the pack that started the worker then reports its worker as died)."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "gpurec pack() was called in a pack worker process as it started: the script "
+            "that calls pack() runs again in each worker, so it must call pack() under "
+            '`if __name__ == "__main__":`'
+        )
+
+
+def _main_script() -> str | None:
+    """The file of the user's main script, which worker processes import as they start
+    (None for an interactive session and for gpurec's own CLI)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] == "gpurec":
+        return None
+    return getattr(main, "__file__", None)
+
+
 def _pool_context():
     """forkserver where there is one (a fork of a process with threads is unsafe); the
     server imports gpurec.pack (and OpenCV) once, each worker is a fork of it."""
@@ -561,6 +588,7 @@ def _in_order(
             seq += 1
 
     pending: deque[Future] = deque()
+    finished = 0
     try:
         for _ in range(workers * ahead):
             submit()
@@ -568,10 +596,19 @@ def _in_order(
             try:
                 done = pending.popleft().result()
             except BrokenProcessPool:
+                why = "killed, out of memory, or a crash in a decoder"
+                script = _main_script()
+                if not finished and script:  # died at once: the classic cause first
+                    guard = '`if __name__ == "__main__":`'
+                    why = (
+                        f"if {script} calls pack() outside {guard}, each worker runs it "
+                        f"again and stops (see above); else {why}"
+                    )
                 raise RuntimeError(
-                    "a pack worker process died (killed, out of memory, or a crash in a "
-                    "decoder); nothing partial was left under a final name"
+                    f"a pack worker process died ({why}); nothing partial was left under a "
+                    "final name"
                 ) from None
+            finished += 1
             submit()
             yield done
     finally:  # an error or a closed generator: drop the queued work, finish the rest
@@ -892,6 +929,7 @@ def pack(
     many images will be processed before the work starts (for a progress total).
     ``root`` and ``prefix`` may be URLs (``s3://bucket/train``); see the module docstring.
     """
+    _refuse_in_starting_worker()
     start = time.perf_counter()
     opts = PackOptions.from_dict(options)
     root_text = root if isinstance(root, str) else os.fspath(root)

@@ -87,6 +87,7 @@ def test_a_killed_worker_stops_the_pack_cleanly(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "a pack worker process died" in err and "Traceback" not in err
+    assert "__main__" not in err  # the CLI is not a script missing its guard
     assert not list(out.glob("*.rec")) and not list(out.glob("*.tmp"))
     assert not list(out.glob(".gpurec-work-*"))
 
@@ -212,3 +213,28 @@ def _umask() -> int:
     from gpurec.pack import _UMASK
 
     return _UMASK
+
+
+def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path) -> None:
+    """pack() at the top level of a script: each worker process imports the script as it
+    starts and would pack again; it stops there, and the pack names the missing guard."""
+    root = color_tree(tmp_path / "img", 6)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from gpurec.pack import pack\n"
+        f"pack({str(root)!r}, {str(tmp_path / 'out' / 'ds')!r}, workers=2, "
+        "executor='processes')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    assert "pack() was called in a pack worker process as it started" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: a pack worker process died (if ")
+    assert f'{script} calls pack() outside `if __name__ == "__main__":`' in last
+    assert not list((tmp_path / "out").glob("*.rec"))
+    guarded = tmp_path / "guarded.py"
+    body = script.read_text().splitlines()
+    guarded.write_text(f"{body[0]}\nif __name__ == '__main__':\n    {body[1]}\n")
+    subprocess.run([sys.executable, str(guarded)], check=True, timeout=120, cwd=tmp_path)
+    assert (tmp_path / "out" / "ds.rec").stat().st_size > 0
