@@ -776,6 +776,27 @@ def test_a_skipped_position_augments_its_stand_in_with_its_own_draws(tmp_path, b
     assert len({got[2].data[k].tobytes() for k in range(4)}) == 4
 
 
+def test_gif_records_decode_to_the_same_pixels_on_both_backends(tmp_path) -> None:
+    """DALI has no GIF decoder; OpenCV (and so MXNet) decodes GIF records. The DALI backend
+    decodes them with OpenCV and feeds them as lossless PNG: both backends hand out the
+    same labels and the same pixels, OpenCV's decoding of the GIF."""
+    base = coordinate_image(48)
+    gif = cv2.imencode(".gif", np.roll(base, 9, axis=0))[1].tobytes()
+    png = cv2.imencode(".png", base)[1].tobytes()
+    rec = _records(tmp_path / "gif.rec", [png, gif, png, gif], [0.0, 1.0, 2.0, 3.0])
+    want = cv2.cvtColor(cv2.imdecode(np.frombuffer(gif, np.uint8), cv2.IMREAD_COLOR),
+                        cv2.COLOR_BGR2RGB).transpose(2, 0, 1)  # fmt: skip
+    out = {}
+    for backend in BACKENDS:
+        pipe = cpu_pipe(rec, 4, (3, 48, 48), backend=backend, train=False, resize=0, dtype="uint8")
+        (batch,) = list(pipe)
+        assert batch.label.tolist() == [0, 1, 2, 3] and pipe.skipped == 0
+        out[backend] = np.asarray(batch.data)
+    np.testing.assert_array_equal(out["dali"], out["cpu"])
+    np.testing.assert_array_equal(out["dali"][1], want)
+    assert not np.array_equal(out["dali"][1], out["dali"][0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skipped_counts_reads_of_bad_records_padding_copies_aside(tmp_path, backend):
     """``pipe.skipped`` counts each read of a bad record: with ``"pad"`` the copies that

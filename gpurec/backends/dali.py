@@ -14,7 +14,9 @@ the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, s
 backends hand out the same records in the same order. The encoded images of a batch go
 in through ``fn.external_source`` (``feed_input``, one uint8 array per record), each
 parameter through one of its own (names: the module constants, :func:`inputs`); the
-labels never enter DALI: they travel beside the batch in a queue.
+labels never enter DALI: they travel beside the batch in a queue. A GIF record (DALI has
+no GIF decoder; OpenCV, and so MXNet and the CPU backend, decodes it) is decoded with
+OpenCV in the reader thread and fed as a lossless PNG (:func:`encoded_for_dali`).
 
 Prefetching: a reader thread reads, unpacks and checks (:func:`gpurec.transcode.sniff`)
 the next batches while DALI decodes the ``prefetch`` batches fed to it; the stream of
@@ -74,21 +76,34 @@ def _refcounts(arrays: deque) -> list[int]:
 _UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
 
 
-def image_size(payload: bytes | memoryview | np.ndarray) -> tuple[int, int]:
-    """(width, height) of an encoded image as decoded without EXIF orientation: from the
-    JPEG/PNG/GIF header, else (BMP, TIFF, WebP, signatures gpurec does not know) from
-    decoding it once with OpenCV. Raises ImageError when neither works."""
+# Formats OpenCV decodes and DALI's decoders do not (GIF, which MXNet's OpenCV decoded
+# too): such a record is decoded here, as the OpenCV backend decodes it, and fed to DALI
+# as a lossless PNG, so both backends hand out the same pixels.
+_DECODED_HERE = ("gif",)
+_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # MXNet ignores EXIF orientation
+
+
+def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int, int]]:
+    """What DALI is fed for a record's image, and the image's (width, height) as decoded
+    without EXIF orientation. The size comes from the JPEG/PNG/GIF header, else (BMP,
+    TIFF, WebP, signatures gpurec does not know) from decoding it once with OpenCV.
+    The bytes are the record's own (no copy), except for the formats of
+    ``_DECODED_HERE``. Raises ImageError when the image cannot be read."""
+    info = None
     try:
         info = sniff(payload)
-        if info.width and info.height:
-            return info.width, info.height
+        if info.format not in _DECODED_HERE and info.width and info.height:
+            return np.frombuffer(payload, np.uint8), (info.width, info.height)
     except UnknownImage:
         pass
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), _FLAGS)
     if image is None:
         raise ImageError("cannot decode image: OpenCV cannot read it to find its size")
-    return image.shape[1], image.shape[0]
+    size = (image.shape[1], image.shape[0])
+    if info is not None and info.format in _DECODED_HERE:
+        png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]
+        return png.reshape(-1), size
+    return np.frombuffer(payload, np.uint8), size
 
 
 __all__ = ["INPUT", "DALIBackend", "graph", "inputs", "parameters"]
@@ -683,14 +698,13 @@ class DALIBackend:
                 continue
             try:
                 labels[k] = self._label(header, index)
-                sizes[k] = image_size(payload)
+                payloads[k], sizes[k] = encoded_for_dali(payload)
             except RecordIOError as exc:
                 failed.append((k, exc))
                 continue
             except ImageError as exc:
                 failed.append((k, self._error(index, f"cannot decode image: {exc}")))
                 continue
-            payloads[k] = np.frombuffer(payload, np.uint8)
         draws = pipe.draws(plan, b, n)
         if not failed:
             params = parameters(pipe.spec, draws, sizes)
@@ -738,10 +752,10 @@ class DALIBackend:
             try:
                 header, payload = unpack_view(self.dataset.read_view(index))
                 label = self._label(header, index)
-                size = image_size(payload)
+                encoded, size = encoded_for_dali(payload)
             except (RecordIOError, ImageError):
                 continue
-            return index, np.frombuffer(payload, np.uint8), label, size
+            return index, encoded, label, size
         return None
 
     def _stream_from(self, plan: Plan, start: int):
