@@ -776,16 +776,20 @@ def test_a_skipped_position_augments_its_stand_in_with_its_own_draws(tmp_path, b
     assert len({got[2].data[k].tobytes() for k in range(4)}) == 4
 
 
-def test_gif_records_decode_to_the_same_pixels_on_both_backends(tmp_path) -> None:
-    """DALI has no GIF decoder; OpenCV (and so MXNet) decodes GIF records. The DALI backend
-    decodes them with OpenCV and feeds them as lossless PNG: both backends hand out the
-    same labels and the same pixels, OpenCV's decoding of the GIF."""
+def test_gif_and_sun_raster_records_give_the_same_pixels_on_both_backends(tmp_path) -> None:
+    """DALI decodes neither GIF nor Sun raster; OpenCV (and so MXNet) decodes both. The DALI
+    backend decodes them with OpenCV and feeds them as lossless PNG: both backends hand
+    out the same labels and the same pixels, OpenCV's decoding of the record."""
     base = coordinate_image(48)
     gif = cv2.imencode(".gif", np.roll(base, 9, axis=0))[1].tobytes()
+    ras = cv2.imencode(".ras", np.roll(base, 5, axis=1))[1].tobytes()
     png = cv2.imencode(".png", base)[1].tobytes()
-    rec = _records(tmp_path / "gif.rec", [png, gif, png, gif], [0.0, 1.0, 2.0, 3.0])
-    want = cv2.cvtColor(cv2.imdecode(np.frombuffer(gif, np.uint8), cv2.IMREAD_COLOR),
-                        cv2.COLOR_BGR2RGB).transpose(2, 0, 1)  # fmt: skip
+    rec = _records(tmp_path / "gif.rec", [png, gif, ras, gif], [0.0, 1.0, 2.0, 3.0])
+
+    def want(body: bytes) -> np.ndarray:
+        bgr = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        return bgr[..., ::-1].transpose(2, 0, 1)
+
     out = {}
     for backend in BACKENDS:
         pipe = cpu_pipe(rec, 4, (3, 48, 48), backend=backend, train=False, resize=0, dtype="uint8")
@@ -793,7 +797,8 @@ def test_gif_records_decode_to_the_same_pixels_on_both_backends(tmp_path) -> Non
         assert batch.label.tolist() == [0, 1, 2, 3] and pipe.skipped == 0
         out[backend] = np.asarray(batch.data)
     np.testing.assert_array_equal(out["dali"], out["cpu"])
-    np.testing.assert_array_equal(out["dali"][1], want)
+    np.testing.assert_array_equal(out["dali"][1], want(gif))
+    np.testing.assert_array_equal(out["dali"][2], want(ras))
     assert not np.array_equal(out["dali"][1], out["dali"][0])
 
 

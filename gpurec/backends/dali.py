@@ -77,8 +77,9 @@ _UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
 
 
 # Formats OpenCV decodes and DALI's decoders do not (GIF, which MXNet's OpenCV decoded
-# too): such a record is decoded here, as the OpenCV backend decodes it, and fed to DALI
-# as a lossless PNG, so both backends hand out the same pixels.
+# too; and any signature gpurec does not know): such a record is decoded here, as the
+# OpenCV backend decodes it, and fed to DALI as a lossless PNG, so both backends hand out
+# the same pixels.
 _DECODED_HERE = ("gif",)
 _FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # MXNet ignores EXIF orientation
 
@@ -88,7 +89,8 @@ def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int
     without EXIF orientation. The size comes from the JPEG/PNG/GIF header, else (BMP,
     TIFF, WebP, signatures gpurec does not know) from decoding it once with OpenCV.
     The bytes are the record's own (no copy), except for the formats of
-    ``_DECODED_HERE``. Raises ImageError when the image cannot be read."""
+    ``_DECODED_HERE`` and unknown signatures. Raises ImageError when the image cannot be
+    read."""
     info = None
     try:
         info = sniff(payload)
@@ -100,7 +102,7 @@ def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int
     if image is None:
         raise ImageError("cannot decode image: OpenCV cannot read it to find its size")
     size = (image.shape[1], image.shape[0])
-    if info is not None and info.format in _DECODED_HERE:
+    if info is None or info.format in _DECODED_HERE:
         png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]
         return png.reshape(-1), size
     return np.frombuffer(payload, np.uint8), size
