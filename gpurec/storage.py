@@ -36,7 +36,6 @@ import atexit
 import contextlib
 import fcntl
 import fnmatch
-import glob
 import hashlib
 import json
 import os
@@ -467,6 +466,7 @@ class ShardCache:
         self.reused: list[str] = []
         self.started: list[str] = []
         self._lock = threading.Lock()
+        self._parts: dict[Path, dict[str, list[Path]]] = {}  # see _parts_of
 
     # --------------------------------------------------------------- finding shards
     def resolve(self, url: str) -> list[list[_Remote]]:
@@ -581,6 +581,24 @@ class ShardCache:
             _PARTS.discard(part)
             part.unlink(missing_ok=True)
 
+    def _parts_of(self, local: Path) -> list[Path]:
+        """The `.part` files of ``local`` (``NAME.PID.THREAD.part``) in its folder, as one
+        scan of the folder by this cache found them: a folder of thousands of shards is
+        read once, not once per shard. Called under the shard's lock, where every `.part`
+        of it that still exists is stale; one left after the scan waits for the next
+        cache object's fetch of the shard."""
+        folder = local.parent
+        with self._lock:
+            found = self._parts.get(folder)
+            if found is None:
+                found = self._parts[folder] = {}
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in os.scandir(folder):
+                        if entry.name.endswith(".part"):
+                            name = entry.name.rsplit(".", 3)[0]
+                            found.setdefault(name, []).append(folder / entry.name)
+            return found.pop(local.name, [])
+
     def fetch_shard(self, files: Sequence[_Remote], *, whole: bool = True) -> Path | None:
         """Make one shard's files local (under its lock) and mark the shard in use by this
         process; returns the local `.rec`. With ``whole=False`` the `.rec` is left for later
@@ -592,7 +610,7 @@ class ShardCache:
         with _locked(rec.with_name(rec.name + ".lock")):
             named = {self.local(remote) for remote in files}
             for local in named:  # only the lock holder downloads: every .part is stale
-                for part in local.parent.glob(glob.escape(local.name) + ".*.part"):
+                for part in self._parts_of(local):
                     part.unlink(missing_ok=True)
             idx = rec.with_suffix(".idx")
             if idx not in named:  # the store has no .idx (now): never trust an old one
