@@ -712,6 +712,8 @@ class ShardCache:
                 for path in (rec.with_suffix(".idx"), rec):
                     self._meta_path(path).unlink(missing_ok=True)
                     path.unlink(missing_ok=True)
+                # gpurec.dataset's cached scan of a shard that came without an .idx
+                rec.with_name(rec.name + ".gpurec-index.npz").unlink(missing_ok=True)
             total -= size
             removed.append(rec)
         return removed

@@ -430,6 +430,28 @@ def memory_bucket(tmp_path: Path):
         fs.rm(base, recursive=True)
 
 
+def test_an_evicted_shard_without_idx_leaves_no_cached_scan(memory_bucket, tmp_path) -> None:
+    """A shard without `.idx` is scanned once fetched, and the scan cached beside it in
+    the cache; evicting the shard removes that too."""
+    from helpers import numbered_shards
+
+    from gpurec.dataset import open_source
+    from gpurec.storage import ShardCache, release_shards
+
+    fs, base = memory_bucket
+    (rec,) = numbered_shards(tmp_path / "src", counts=(6,))
+    fs.put_file(str(rec), f"{base}/plain/{rec.name}")  # no .idx in the store
+    ds = open_source(f"memory://{base}/plain/{rec.stem}", cache_dir=tmp_path / "cache")
+    assert len(ds) == 6
+    ds.close()
+    (local,) = (tmp_path / "cache").rglob(rec.name)
+    scan = local.with_name(local.name + ".gpurec-index.npz")
+    assert scan.is_file()
+    release_shards()
+    assert ShardCache(tmp_path / "cache", cache_limit=1).evict() == [local]
+    assert not local.exists() and not scan.exists()
+
+
 def test_several_urls_are_all_fetched_before_the_cache_is_trimmed(
     memory_bucket, tmp_path: Path
 ) -> None:
