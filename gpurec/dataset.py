@@ -814,6 +814,12 @@ class Dataset:
         shard = self.locate(i)[0]
         return f"{self.shards[shard].path} {self.name(i)} at byte {self.offset(i)}"
 
+    def error(self, i: int, reason: str) -> RecordIOError:
+        """The error for sample ``i`` that cannot be loaded (``shard.rec: at byte B:
+        record K: reason``), the same from every backend."""
+        shard = self.locate(i)[0]
+        return RecordIOError(f"{self.name(i)}: {reason}", self.paths[shard], offset=self.offset(i))
+
     def stop_fetching(self) -> None:
         """Take up no more shard fetches and wake the reads waiting for one (they raise);
         fetches under way finish in their threads. :meth:`close` does this first."""

@@ -246,11 +246,7 @@ class CPUBackend:
 
     def _error(self, index: int, reason: str) -> RecordIOError:
         """An error naming the shard, the record and its byte offset."""
-        dataset = self.dataset
-        shard = dataset.locate(index)[0]
-        return RecordIOError(
-            f"{dataset.name(index)}: {reason}", dataset.paths[shard], offset=dataset.offset(index)
-        )
+        return self.dataset.error(index, reason)
 
     def _label(self, header, index: int) -> np.ndarray:
         label = np.atleast_1d(np.asarray(header.label, np.float32))

@@ -90,17 +90,24 @@ def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int
     TIFF, WebP, signatures gpurec does not know) from decoding it once with OpenCV.
     The bytes are the record's own (no copy), except for the formats of
     ``_DECODED_HERE`` and unknown signatures. Raises ImageError when the image cannot be
-    read."""
-    info = None
+    read, worded as the CPU backend words it."""
+    info = unknown = None
     try:
         info = sniff(payload)
         if info.format not in _DECODED_HERE and info.width and info.height:
             return np.frombuffer(payload, np.uint8), (info.width, info.height)
-    except UnknownImage:
-        pass
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), _FLAGS)
+    except UnknownImage as exc:
+        unknown = exc
+    except ImageError as exc:  # a known format, broken (cut short...)
+        raise ImageError(f"cannot decode image: {exc}") from None
+    try:
+        image = cv2.imdecode(np.frombuffer(payload, np.uint8), _FLAGS)
+    except cv2.error:
+        image = None
     if image is None:
-        raise ImageError("cannot decode image: OpenCV cannot read it to find its size")
+        if unknown is not None:
+            raise ImageError(f"cannot decode image: {unknown}")
+        raise ImageError(f"cannot decode image ({info.format})")
     size = (image.shape[1], image.shape[0])
     if info is None or info.format in _DECODED_HERE:
         png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]
@@ -676,9 +683,7 @@ class DALIBackend:
 
     def _error(self, index: int, reason: str) -> RecordIOError:
         """An error that names the shard, the record and its byte offset."""
-        exc = RecordIOError(reason, self.dataset.paths[self.dataset.locate(index)[0]])
-        exc.args = (f"{self.dataset.where(index)}: {reason}",)
-        return exc
+        return self.dataset.error(index, reason)
 
     def _read(self, plan: Plan, b: int) -> _Batch:
         """Read, unpack and check batch ``b`` of ``plan`` (in the reader thread)."""
@@ -705,7 +710,7 @@ class DALIBackend:
                 failed.append((k, exc))
                 continue
             except ImageError as exc:
-                failed.append((k, self._error(index, f"cannot decode image: {exc}")))
+                failed.append((k, self._error(index, str(exc))))
                 continue
         draws = pipe.draws(plan, b, n)
         if not failed:
