@@ -118,6 +118,54 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # the JP2 file format's first box
+_J2K_SIGNATURE = b"\xff\x4f\xff\x51"  # a JPEG 2000 codestream: SOC, then the SIZ marker
+
+
+def _jpeg2000_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(width, height) of a JPEG 2000 image: the JP2 header box's ``ihdr`` (height, then
+    width), or a bare codestream's SIZ marker (reference grid less its offset)."""
+    if data[:12] == _JP2_SIGNATURE:
+        head = bytes(data[:4096])
+        at = head.find(b"ihdr")
+        if at < 0 or at + 12 > len(head):
+            raise ImageError("corrupt JPEG 2000 header (no ihdr box)")
+        height, width = struct.unpack_from(">II", head, at + 4)
+        return width, height
+    if len(data) < 24:
+        raise ImageError("corrupt JPEG 2000 codestream (no SIZ marker)")
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, 8)
+    if xsiz <= xosiz or ysiz <= yosiz:
+        raise ImageError("corrupt JPEG 2000 codestream (empty image area)")
+    return xsiz - xosiz, ysiz - yosiz
+
+
+def _pnm_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(width, height) of a PBM/PGM/PPM image (``P1``..``P6``): the header's first two
+    numbers, after the magic, whitespace and ``#`` comments."""
+    head = bytes(data[:1024])
+    numbers: list[int] = []
+    pos = 2
+    while len(numbers) < 2 and pos < len(head):
+        c = head[pos : pos + 1]
+        if c.isspace():
+            pos += 1
+        elif c == b"#":
+            end = head.find(b"\n", pos)
+            pos = len(head) if end < 0 else end + 1
+        else:
+            end = pos
+            while end < len(head) and head[end : end + 1].isdigit():
+                end += 1
+            if end == pos:
+                break
+            numbers.append(int(head[pos:end]))
+            pos = end
+    if len(numbers) < 2:
+        raise ImageError("corrupt PNM header (no width and height)")
+    return numbers[0], numbers[1]
+
+
 def _has_after(data: bytes | memoryview, marker: bytes, start: int) -> bool:
     """Whether ``marker`` occurs in ``data`` at or after ``start``. A memoryview (a record
     read in place from its memory map) is checked at its end first, where the marker
@@ -165,6 +213,11 @@ def sniff(data: bytes | memoryview) -> ImageInfo:
         return ImageInfo("bmp")
     if data[:4] in (b"II*\0", b"MM\0*"):
         return ImageInfo("tiff")
+    if data[:12] == _JP2_SIGNATURE or data[:4] == _J2K_SIGNATURE:
+        return ImageInfo("jpeg2000", *_jpeg2000_size(data))
+    magic = bytes(data[:3])
+    if len(magic) == 3 and magic[0] == ord("P") and magic[1] in b"123456" and magic[2:].isspace():
+        return ImageInfo("pnm", *_pnm_size(data))
     raise UnknownImage(f"not an image: unknown file signature {bytes(data[:8]).hex()}")
 
 

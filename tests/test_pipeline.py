@@ -656,22 +656,25 @@ def test_len_of_an_elastically_resumed_epoch_is_its_batches(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
-def test_an_image_format_sniff_does_not_know_is_decoded_on_both_backends(tmp_path, on_error):
-    """PPM has no signature gpurec knows; OpenCV and DALI both decode it: same labels."""
+def test_sun_raster_and_ppm_records_are_decoded_on_both_backends(tmp_path, on_error):
+    """Sun raster has a signature gpurec does not know, PPM and JPEG 2000 ones it knows
+    (the size from the header); OpenCV decodes all three, DALI the last two (the DALI
+    backend decodes the raster with OpenCV): same labels, same pixels."""
     rec = tmp_path / "p.rec"
     with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
         for i in range(4):
-            img = np.full((12, 12, 3), 40 * i, np.uint8)
-            encoding = ".ppm" if i == 2 else ".png"
+            img = np.full((48, 48, 3), 40 * i, np.uint8)
+            encoding = {1: ".ras", 2: ".ppm", 3: ".jp2"}.get(i, ".png")
             data = cv2.imencode(encoding, img)[1].tobytes()
             writer.write(pack_record(IRHeader(0, float(i), i, 0), data), key=i)
     out = {}
     for backend in BACKENDS:
-        pipe = cpu_pipe(rec, 4, (3, 12, 12), backend=backend, train=False, on_error=on_error)
+        pipe = cpu_pipe(rec, 4, (3, 48, 48), backend=backend, train=False, on_error=on_error)
         (batch,) = list(pipe)
-        out[backend] = (batch.label.tolist(), pipe.skipped, batch.data.mean(axis=(1, 2, 3)))
+        out[backend] = (batch.label.tolist(), pipe.skipped, np.asarray(batch.data))
     assert out["cpu"][:2] == out["dali"][:2] == ([0, 1, 2, 3], 0)
-    np.testing.assert_allclose(out["dali"][2], [0, 40, 80, 120], atol=1)
+    np.testing.assert_allclose(out["dali"][2].mean(axis=(1, 2, 3)), [0, 40, 80, 120], atol=1)
+    np.testing.assert_array_equal(out["dali"][2], out["cpu"][2])
 
 
 @pytest.mark.parametrize("last_batch", ["pad", "partial"])
@@ -795,7 +798,7 @@ def test_a_skipped_position_augments_its_stand_in_with_its_own_draws(tmp_path, b
 
 def test_gif_and_sun_raster_records_give_the_same_pixels_on_both_backends(tmp_path) -> None:
     """DALI decodes neither GIF nor Sun raster; OpenCV (and so MXNet) decodes both. The DALI
-    backend decodes them with OpenCV and feeds them as lossless PNG: both backends hand
+    backend decodes them with OpenCV and feeds them as BMP: both backends hand
     out the same labels and the same pixels, OpenCV's decoding of the record."""
     base = coordinate_image(48)
     gif = cv2.imencode(".gif", np.roll(base, 9, axis=0))[1].tobytes()

@@ -92,12 +92,35 @@ def test_pass_through_returns_the_file_bytes() -> None:
         (b"hello, not an image", "not an image: unknown file signature"),
         (jpeg(photo())[:2000], "truncated JPEG"),
         (png_header_only(100_000, 100_000), "100000x100000 = 10000000000 pixels is over"),
+        (b"P6\n# no size\n", "corrupt PNM header"),
+        (b"P6\n90000 90000\n255\n", "90000x90000 = 8100000000 pixels is over"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(20), "no ihdr box"),
+        (b"\xff\x4f\xff\x51" + bytes(30), "empty image area"),
     ],
 )
 def test_bad_inputs_are_refused_with_a_reason(data: bytes, reason: str) -> None:
     for spec in (EncodeSpec(), EncodeSpec(pass_through=True)):
         with pytest.raises(ImageError, match=reason):
             transcode(data, spec)
+
+
+def test_pnm_and_jpeg2000_sizes_come_from_their_headers() -> None:
+    """The formats DALI decodes besides JPEG and PNG whose headers give the size: PBM,
+    PGM and PPM (binary and text, with comments) and JPEG 2000 (a JP2 file, and a bare
+    codestream's SIZ marker)."""
+    img = photo(37, 51)
+    text = [cv2.IMWRITE_PXM_BINARY, 0]
+    cases = [(".ppm", img, []), (".pgm", img[..., 0], []), (".pbm", img[..., 0], []),
+             (".ppm", img, text), (".jp2", img, [])]  # fmt: skip
+    for ext, pixels, flags in cases:
+        data = cv2.imencode(ext, pixels, flags)[1].tobytes()
+        info = sniff(data)
+        assert (info.width, info.height) == (51, 37), (ext, flags)
+        assert info.format == ("jpeg2000" if ext == ".jp2" else "pnm")
+    assert sniff(b"P5\n# made by hand\n# two comments\n 640\t480 255\n").width == 640
+    siz = b"\xff\x4f\xff\x51" + struct.pack(">HHIIII", 41, 0, 300, 200, 20, 10) + bytes(12)
+    assert (sniff(siz).width, sniff(siz).height) == (280, 190)
+    assert sniff(memoryview(cv2.imencode(".ppm", img)[1].tobytes())).width == 51
 
 
 def test_jpeg_bomb_header_refused_before_decoding() -> None:

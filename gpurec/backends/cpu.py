@@ -293,7 +293,7 @@ class CPUBackend:
         spec = self.spec
         try:
             info = sniff(payload)
-        except UnknownImage:  # OpenCV decides (PPM, JPEG 2000...), as DALI's decoder does
+        except UnknownImage:  # OpenCV decides (Sun raster, PFM...), as the DALI backend does
             info = ImageInfo("unknown")
         except ImageError as exc:  # a known format, broken (cut short...): refused, as
             raise ImageError(f"cannot decode image: {exc}") from None  # on DALI

@@ -14,9 +14,10 @@ the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, s
 backends hand out the same records in the same order. The encoded images of a batch go
 in through ``fn.external_source`` (``feed_input``, one uint8 array per record), each
 parameter through one of its own (names: the module constants, :func:`inputs`); the
-labels never enter DALI: they travel beside the batch in a queue. A GIF record (DALI has
-no GIF decoder; OpenCV, and so MXNet and the CPU backend, decodes it) is decoded with
-OpenCV in the reader thread and fed as a lossless PNG (:func:`encoded_for_dali`).
+labels never enter DALI: they travel beside the batch in a queue. A GIF record, or one
+of a signature gpurec does not know (DALI cannot decode them; OpenCV, and so MXNet and
+the CPU backend, can), is decoded with OpenCV in the reader thread and fed as a BMP
+(:func:`encoded_for_dali`).
 
 Prefetching: a reader thread reads, unpacks and checks (:func:`gpurec.transcode.sniff`)
 the next batches while DALI decodes the ``prefetch`` batches fed to it; the stream of
@@ -76,21 +77,20 @@ def _refcounts(arrays: deque) -> list[int]:
 _UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
 
 
-# Formats OpenCV decodes and DALI's decoders do not (GIF, which MXNet's OpenCV decoded
-# too; and any signature gpurec does not know): such a record is decoded here, as the
-# OpenCV backend decodes it, and fed to DALI as a lossless PNG, so both backends hand out
-# the same pixels.
+# Formats OpenCV decodes and DALI's decoders do not: GIF (MXNet's OpenCV decoded it too),
+# and signatures sniff does not know (Sun raster, PFM, HDR...). Such a record is decoded
+# here, as the OpenCV backend decodes it, and fed to DALI as a BMP (lossless, and written
+# in the time of a copy), so both backends hand out the same pixels.
 _DECODED_HERE = ("gif",)
 _FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # MXNet ignores EXIF orientation
 
 
 def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int, int]]:
     """What DALI is fed for a record's image, and the image's (width, height) as decoded
-    without EXIF orientation. The size comes from the JPEG/PNG/GIF header, else (BMP,
-    TIFF, WebP, signatures gpurec does not know) from decoding it once with OpenCV.
-    The bytes are the record's own (no copy), except for the formats of
-    ``_DECODED_HERE`` and unknown signatures. Raises ImageError when the image cannot be
-    read, worded as the CPU backend words it."""
+    without EXIF orientation: the record's own bytes (no copy) and the size its header
+    gives (JPEG, PNG, PNM, JPEG 2000); for BMP, TIFF and WebP the record's bytes and the
+    size from decoding them once with OpenCV; for GIF and unknown signatures a BMP of
+    OpenCV's decoding. Raises ImageError, worded as the CPU backend words it."""
     info = unknown = None
     try:
         info = sniff(payload)
@@ -110,8 +110,8 @@ def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int
         raise ImageError(f"cannot decode image ({info.format})")
     size = (image.shape[1], image.shape[0])
     if info is None or info.format in _DECODED_HERE:
-        png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]
-        return png.reshape(-1), size
+        bmp = cv2.imencode(".bmp", image)[1]  # (a level-1 PNG would take ~10 ms)
+        return bmp.reshape(-1), size
     return np.frombuffer(payload, np.uint8), size
 
 
