@@ -430,6 +430,13 @@ _HELD_FDS: set[int] = set()
 _PARTS: set[Path] = set()
 
 
+def _part(local: Path) -> Path:
+    """The file ``local`` is downloaded into: one name per file, as only the holder of
+    the shard's lock downloads it; one left by a process killed mid-download is stale,
+    and removed (or overwritten) by the next fetch of the shard."""
+    return local.with_name(local.name + ".part")
+
+
 def _remove_parts() -> None:
     for part in list(_PARTS):
         with contextlib.suppress(OSError):
@@ -466,7 +473,6 @@ class ShardCache:
         self.reused: list[str] = []
         self.started: list[str] = []
         self._lock = threading.Lock()
-        self._parts: dict[Path, dict[str, list[Path]]] = {}  # see _parts_of
 
     # --------------------------------------------------------------- finding shards
     def resolve(self, url: str) -> list[list[_Remote]]:
@@ -553,7 +559,7 @@ class ShardCache:
         )
 
     def _download(self, fs, remote: _Remote, local: Path) -> None:
-        part = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.part")
+        part = _part(local)
         _PARTS.add(part)
         try:
             fs.get_file(remote.path, str(part))
@@ -581,24 +587,6 @@ class ShardCache:
             _PARTS.discard(part)
             part.unlink(missing_ok=True)
 
-    def _parts_of(self, local: Path) -> list[Path]:
-        """The `.part` files of ``local`` (``NAME.PID.THREAD.part``) in its folder, as one
-        scan of the folder by this cache found them: a folder of thousands of shards is
-        read once, not once per shard. Called under the shard's lock, where every `.part`
-        of it that still exists is stale; one left after the scan waits for the next
-        cache object's fetch of the shard."""
-        folder = local.parent
-        with self._lock:
-            found = self._parts.get(folder)
-            if found is None:
-                found = self._parts[folder] = {}
-                with contextlib.suppress(FileNotFoundError):
-                    for entry in os.scandir(folder):
-                        if entry.name.endswith(".part"):
-                            name = entry.name.rsplit(".", 3)[0]
-                            found.setdefault(name, []).append(folder / entry.name)
-            return found.pop(local.name, [])
-
     def fetch_shard(self, files: Sequence[_Remote], *, whole: bool = True) -> Path | None:
         """Make one shard's files local (under its lock) and mark the shard in use by this
         process; returns the local `.rec`. With ``whole=False`` the `.rec` is left for later
@@ -609,9 +597,8 @@ class ShardCache:
         have = True
         with _locked(rec.with_name(rec.name + ".lock")):
             named = {self.local(remote) for remote in files}
-            for local in named:  # only the lock holder downloads: every .part is stale
-                for part in self._parts_of(local):
-                    part.unlink(missing_ok=True)
+            for local in named:  # only the lock holder downloads: any .part is stale
+                _part(local).unlink(missing_ok=True)
             idx = rec.with_suffix(".idx")
             if idx not in named:  # the store has no .idx (now): never trust an old one
                 self._meta_path(idx).unlink(missing_ok=True)

@@ -770,7 +770,7 @@ def test_stale_part_files_are_removed_by_the_next_fetch(slow_bucket, tmp_path: P
     cache = ShardCache(tmp_path / "c")
     rec = cache.local(cache.resolve(url)[0][0])
     rec.parent.mkdir(parents=True, exist_ok=True)
-    stale = rec.with_name(f"{rec.name}.999999.1.part")  # a process killed mid-fetch
+    stale = rec.with_name(f"{rec.name}.part")  # a process killed mid-fetch
     stale.write_bytes(b"half a shard")
     ds = open_source(url, cache_dir=tmp_path / "c")
     ds.read(0)
