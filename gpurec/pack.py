@@ -511,22 +511,33 @@ def _refuse_in_starting_worker() -> None:
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuntimeError(
-            "gpurec pack() was called in a pack worker process as it started: the script "
-            "that calls pack() runs again in each worker, so it must call pack() under "
+            "gpurec's packing was called in a pack worker process as it started: the "
+            "script that calls it runs again in each worker, so it must call it under "
             '`if __name__ == "__main__":`'
         )
 
 
-def _main_script() -> str | None:
-    """The file of the user's main script, which worker processes import as they start
-    (None for an interactive session and for gpurec's own CLI)."""
-    import sys
+def _died(pool: ProcessPoolExecutor) -> str:
+    """Why a pack stops when a worker process died, from the workers' exit codes: 1 is
+    an error as the worker started (printed above it; a script without its main guard
+    ends so, see :func:`_refuse_in_starting_worker`), a signal is a kill (out of memory)
+    or a crash in a decoder."""
+    import signal
 
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name.split(".")[0] == "gpurec":
-        return None
-    return getattr(main, "__file__", None)
+    processes = getattr(pool, "_processes", None) or {}  # the executor's own (no API)
+    codes = {p.exitcode for p in list(processes.values())} - {None, 0, -signal.SIGTERM}
+    if 1 in codes:
+        why = (
+            "failed as it started, its error is above (a script that packs outside "
+            '`if __name__ == "__main__":` ends so)'
+        )
+    elif codes and min(codes) < 0:
+        number = -min(codes)
+        name = signal.Signals(number).name if number in signal.valid_signals() else number
+        why = f"was killed by signal {name} (out of memory, or a crash in a decoder)"
+    else:
+        why = "died (killed, out of memory, or a crash in a decoder)"
+    return f"a pack worker process {why}; nothing partial was left under a final name"
 
 
 def _pool_context():
@@ -588,7 +599,6 @@ def _in_order(
             seq += 1
 
     pending: deque[Future] = deque()
-    finished = 0
     try:
         for _ in range(workers * ahead):
             submit()
@@ -596,19 +606,7 @@ def _in_order(
             try:
                 done = pending.popleft().result()
             except BrokenProcessPool:
-                why = "killed, out of memory, or a crash in a decoder"
-                script = _main_script()
-                if not finished and script:  # died at once: the classic cause first
-                    guard = '`if __name__ == "__main__":`'
-                    why = (
-                        f"if {script} calls pack() outside {guard}, each worker runs it "
-                        f"again and stops (see above); else {why}"
-                    )
-                raise RuntimeError(
-                    f"a pack worker process died ({why}); nothing partial was left under a "
-                    "final name"
-                ) from None
-            finished += 1
+                raise RuntimeError(_died(pool)) from None
             submit()
             yield done
     finally:  # an error or a closed generator: drop the queued work, finish the rest
@@ -653,6 +651,7 @@ def write_shards(
     whatever ``workers``, ``executor`` and ``batch``. ``on_shard(job)`` is called once
     each shard is complete (to upload it).
     """
+    _refuse_in_starting_worker()
     if executor not in ("processes", "threads"):
         raise ValueError(f"executor must be 'processes' or 'threads' here, got {executor!r}")
     workers = workers or os.cpu_count() or 1
@@ -1008,6 +1007,7 @@ def pack_lists(
     Images that cannot be packed, malformed lines and repeated indices are skipped (never
     a crash) and listed in ``X.skipped.tsv``; the `.lst` itself is left as it is.
     """
+    _refuse_in_starting_worker()
     start = time.perf_counter()
     total = PackSummary()
     for lst in map(Path, lists):
