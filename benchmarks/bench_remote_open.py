@@ -105,7 +105,7 @@ def main() -> int:
                                    cache_dir=cache)  # fmt: skip
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-            counts.append(requests() - before - 1)
+            counts.append(requests() - before)
             assert len(pipe.dataset) == a.shards * a.records
             pipe.close()
             print(f"round {r + 1}: {times[-1]:.2f} s ({cpu[-1]:.2f} s CPU here), "
