@@ -506,7 +506,8 @@ def _refuse_in_starting_worker() -> None:
     """A script that calls pack() outside ``if __name__ == "__main__":`` runs again in
     every worker process as it starts (forkserver and spawn import the main script):
     stop there, before that copy of the script lists or writes anything, with the cause
-    (the pack that started the worker then reports its worker as died)."""
+    (the pack that started the worker then reports a worker that failed as it started,
+    :func:`_died`)."""
     import multiprocessing
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):
