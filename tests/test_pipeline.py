@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import time
 from pathlib import Path
 
 import cv2
@@ -435,6 +436,28 @@ def test_bad_record_named_or_skipped(tmp_path, backend, body) -> None:
         assert second.label.tolist() == [4, 5, 6, 7]
         assert skip.skipped == epoch + 1
         assert np.abs(first.data[2] - first.data[0]).max() <= 1e-6  # an image of record 0
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_dali_finds_a_bad_record_of_a_later_batch_than_the_one_failing(tmp_path, on_error):
+    """DALI's static executor reports a decoder failure at the next ``outputs()``, whichever
+    batch it was decoding: with a slow consumer, DALI decodes ahead, and batch 1's
+    outputs fail for record 5 of batch 2. The batches before it still come out; then
+    record 5 is named (``"raise"``) or skipped (``"skip"``), as on the CPU backend."""
+    rec = _bad_records(tmp_path, {5: _jpeg_that_passes_sniff_but_not_the_decoder()}, count=8)
+    got: list[list[float]] = []
+    pipe = cpu_pipe(rec, 2, (3, 16, 16), backend="dali", shuffle=False, train=False,
+                    on_error=on_error, prefetch=3)  # fmt: skip
+    try:
+        for batch in pipe:
+            got.append(batch.label.tolist())
+            time.sleep(0.3)  # DALI decodes the batches fed ahead meanwhile
+    except RecordIOError as exc:
+        assert on_error == "raise" and "record 5: cannot decode image" in str(exc)
+        assert got == [[0, 1], [2, 3]]
+        return
+    assert on_error == "skip" and pipe.skipped == 1
+    assert got == [[0, 1], [2, 3], [4, 4], [6, 7]]
 
 
 def test_dali_skips_bad_records_under_shuffle_and_keeps_the_order_of_the_cpu_backend(

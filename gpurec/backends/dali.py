@@ -857,20 +857,26 @@ class DALIBackend:
         return found
 
     def _recover(self, batch: _Batch, exc: BaseException) -> None:
-        """DALI's run of ``batch`` failed: find the bad records, rebuild the pipeline at
-        the last checkpoint; raise unless they can be skipped (the caller retries)."""
+        """DALI failed while ``batch`` was the next out: find the bad records, rebuild
+        the pipeline at the last checkpoint; raise unless they can be skipped (the caller
+        retries). The static executor reports a failure at the next ``outputs()``,
+        whichever of the batches fed it was decoding: every batch in flight is probed. A
+        bad record of a later batch is known from now on, and that batch raises or skips
+        it when it comes (:meth:`_read`)."""
         pipe = self.pipe
         where = (f"batch {batch.batch} of epoch {batch.epoch} (rank {pipe.shard_id} of "
                  f"{pipe.num_shards})")  # fmt: skip
-        bad = self._probe(batch)
+        bad: dict[int, str] = {}
+        for fed in (batch, *self._inflight):
+            bad.update(self._probe(fed))
         self._rebuild(self._checkpoint)
         if not bad:
             raise RuntimeError(f"DALI failed on {where}: {_dali_reason(exc)}") from exc
         self._bad.update(bad)
-        if pipe.on_error == "raise":
-            index, reason = next(iter(bad.items()))
+        here = [index for index in batch.indices if index in bad]
+        if pipe.on_error == "raise" and here:
             raise self._error(
-                index, f"{reason} (DALI, {where}; on_error='skip' skips such records)"
+                here[0], f"{bad[here[0]]} (DALI, {where}; on_error='skip' skips such records)"
             ) from None
 
     def run_epoch(self, plan: Plan, start: int):
