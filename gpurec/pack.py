@@ -518,15 +518,23 @@ def _refuse_in_starting_worker() -> None:
         )
 
 
-def _died(pool: ProcessPoolExecutor) -> str:
+def _died(pool: ProcessPoolExecutor, wait: float = 5.0) -> str:
     """Why a pack stops when a worker process died, from the workers' exit codes: 1 is
     an error as the worker started (printed above it; a script without its main guard
     ends so, see :func:`_refuse_in_starting_worker`), a signal is a kill (out of memory)
-    or a crash in a decoder."""
+    or a crash in a decoder.
+
+    The executor fails the futures before it has terminated and reaped its workers, so
+    an exit code read at once can still be unknown (None): wait for them, a few seconds
+    at the most in all, so that the explanation does not depend on the timing."""
     import signal
 
     processes = getattr(pool, "_processes", None) or {}  # the executor's own (no API)
-    codes = {p.exitcode for p in list(processes.values())} - {None, 0, -signal.SIGTERM}
+    workers = list(processes.values())
+    deadline = time.monotonic() + wait
+    for process in workers:
+        process.join(max(0.0, deadline - time.monotonic()))
+    codes = {p.exitcode for p in workers} - {None, 0, -signal.SIGTERM}
     if 1 in codes:
         why = (
             "failed as it started, its error is above (a script that packs outside "

@@ -597,6 +597,9 @@ class SlowMemory(MemoryFileSystem):
     delay = 0.0
     fail_next = 0
     streamed = False  # write half the file, then wait: a .part exists meanwhile
+    gate = None  # a threading.Event: downloads after the first `free` wait until it is set
+    free = 0
+    started = 0  # downloads begun
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -607,6 +610,9 @@ class SlowMemory(MemoryFileSystem):
             if SlowMemory.fail_next > 0:
                 SlowMemory.fail_next -= 1
                 raise OSError("transient network error")
+            SlowMemory.started += 1
+            if SlowMemory.gate is not None and SlowMemory.started > SlowMemory.free:
+                SlowMemory.gate.wait(60)
             if SlowMemory.streamed:
                 data = self.cat_file(rpath)
                 with open(lpath, "wb") as f:
@@ -640,6 +646,13 @@ def _pack_to_slowmem(tmp_path: Path, shards: int) -> tuple[str, Path]:
     return f"slowmem:///{tmp_path.name}/ds", tmp_path / "local"
 
 
+def _reset_slowmem() -> None:
+    if SlowMemory.gate is not None:
+        SlowMemory.gate.set()  # nothing stays blocked past its test
+    SlowMemory.delay, SlowMemory.fail_next, SlowMemory.streamed = 0.0, 0, False
+    SlowMemory.gate, SlowMemory.free, SlowMemory.started = None, 0, 0
+
+
 @pytest.fixture
 def slow_bucket(tmp_path: Path):
     """(URL, local dir) of 3 shards of 8 records on the slowmem filesystem."""
@@ -647,9 +660,9 @@ def slow_bucket(tmp_path: Path):
 
     from gpurec.storage import release_shards
 
-    SlowMemory.delay, SlowMemory.fail_next, SlowMemory.streamed = 0.0, 0, False
+    _reset_slowmem()
     yield _pack_to_slowmem(tmp_path, 3)
-    SlowMemory.delay, SlowMemory.fail_next, SlowMemory.streamed = 0.0, 0, False
+    _reset_slowmem()
     release_shards()
     fsspec.filesystem("slowmem").rm(f"/{tmp_path.name}", recursive=True)
 
@@ -694,7 +707,7 @@ def test_fetch_threads_end_when_idle_and_a_dataset_dropped_unclosed_stops_fetchi
     before = set(_fetch_threads())
     ds = open_source(url, cache_dir=tmp_path / "c")
     ds.read(0)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while set(_fetch_threads()) - before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not set(_fetch_threads()) - before  # nothing queued: no thread waits
@@ -703,7 +716,7 @@ def test_fetch_threads_end_when_idle_and_a_dataset_dropped_unclosed_stops_fetchi
     del ds
     gc.collect()
     assert fetcher._closed  # the dataset's finalizer closed its fetcher
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while set(_fetch_threads()) - before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not set(_fetch_threads()) - before
@@ -715,7 +728,8 @@ def test_closing_a_dataset_wakes_a_read_waiting_for_its_shard_and_reads_after_ra
     from gpurec.dataset import open_source
 
     url, _ = slow_bucket
-    SlowMemory.delay = 1.0
+    SlowMemory.gate = threading.Event()  # the download of shard 0 waits until it is set
+    before = set(_fetch_threads())
     ds = open_source(url, cache_dir=tmp_path / "c")
     got: dict[str, object] = {}
 
@@ -727,13 +741,20 @@ def test_closing_a_dataset_wakes_a_read_waiting_for_its_shard_and_reads_after_ra
 
     reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(0.3)  # the read waits for shard 0, being fetched
-    start = time.monotonic()
+    deadline = time.monotonic() + 30
+    while not SlowMemory.started and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert SlowMemory.started  # the read waits for shard 0, being fetched
+    fetching = set(_fetch_threads()) - before
     ds.close()
-    reader.join(5)
-    assert time.monotonic() - start < 0.5  # not the download's second
+    reader.join(30)
+    assert not reader.is_alive()
+    assert any(thread.is_alive() for thread in fetching)  # woken before the download ended
     assert isinstance(got["read"], OSError) and "closed before it was fetched" in str(got["read"])
-    time.sleep(1.2)  # the download finishes in its thread: the shard is not opened
+    SlowMemory.gate.set()  # the download finishes in its thread: the shard is not opened
+    for thread in fetching:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in fetching)
     with pytest.raises((OSError, ValueError), match="closed"):
         ds.read(0)
     assert ds.shards[0].reader._reader is None
@@ -746,18 +767,19 @@ def test_pipeline_close_does_not_wait_for_the_downloads_under_way(tmp_path: Path
     from gpurec.storage import release_shards
 
     url, _ = _pack_to_slowmem(tmp_path, 6)  # more shards than fetched at a time (4)
-    SlowMemory.delay = 1.5
+    SlowMemory.gate, SlowMemory.free = threading.Event(), 4  # shards 5 and 6 never arrive
     try:
         pipe = Pipeline(url, 4, (3, 24, 24), device="cpu", backend="cpu", train=False,
                         shuffle=True, seed=1, num_threads=2, cache_dir=tmp_path / "c")  # fmt: skip
         it = iter(pipe)
         next(it)  # the first 4 shards here, reads of the other 2 waiting for them
         del it
-        start = time.monotonic()
-        pipe.close()
-        assert time.monotonic() - start < 0.75
+        closing = threading.Thread(target=pipe.close)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive()  # closed while 2 downloads are still held back
     finally:
-        SlowMemory.delay = 0.0
+        _reset_slowmem()
         release_shards()
         fsspec.filesystem("slowmem").rm(f"/{tmp_path.name}", recursive=True)
 
@@ -801,7 +823,9 @@ def test_a_process_exiting_mid_fetch_leaves_no_part_files(tmp_path: Path) -> Non
         SlowMemory.delay, SlowMemory.streamed = 10.0, True
         ds = open_source(url, cache_dir=tmp_path / "c")
         ds.prefetch(np.arange(len(ds)))
-        time.sleep(1.0)
+        deadline = time.monotonic() + 8  # the downloads take 10 s
+        while len(list((tmp_path / "c").rglob("*.part"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         print(len(list((tmp_path / "c").rglob("*.part"))), flush=True)
         sys.exit(1)  # e.g. an exception in the training loop
     """,
