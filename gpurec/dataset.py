@@ -41,7 +41,6 @@ import contextlib
 import glob
 import hashlib
 import os
-import re
 import struct
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpurec.naming import is_url, select_shards
 from gpurec.recordio import (
     IR_SIZE,
     MAGIC,
@@ -74,11 +74,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Dataset", "Shard", "index_cache_dir", "open_shard", "open_source", "resolve_source"]
 
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.rec$")
 _IR = struct.Struct("<IfQQ")
 _FRAME = struct.Struct("<II")  # magic, cflag << 29 | length
 _LEN_MASK = (1 << 29) - 1
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _CACHE_VERSION = 1
 _PROGRESS_BYTES = 256 << 20  # scans of larger files show a progress bar on a terminal
 
@@ -98,17 +96,11 @@ def _resolve_one(item: str | os.PathLike) -> list[Path]:
     single = Path(text + ".rec")
     if single.is_file():
         return [single]
-    shards = sorted(Path(p) for p in glob.glob(glob.escape(text) + "-[0-9]*-of-[0-9]*.rec"))
-    if not shards:
-        raise FileNotFoundError(f"no {text}.rec nor shards {text}-KKKKK-of-NNNNN.rec found")
-    total = int(_SHARD.search(shards[0].name).group(2))
-    have = {int(_SHARD.search(p.name).group(1)) for p in shards}
-    missing = sorted(set(range(total)) - have)
-    if missing:
-        raise FileNotFoundError(
-            f"{text}: shard(s) {', '.join(map(str, missing))} of {total} are missing"
-        )
-    return shards
+    try:
+        names = os.listdir(path.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    return [path.parent / name for name in select_shards(path.name, names, text)]
 
 
 def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **remote) -> list[Path]:
@@ -120,7 +112,7 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **re
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise ValueError("source is empty: give a .rec path, a prefix, a glob or a list")
-    urls = [i for i in items if isinstance(i, str) and _URL.match(i)]
+    urls = [i for i in items if is_url(i)]
     fetched: dict[str, list[Path]] = {}
     if urls:  # all of them fetched first, then one eviction that keeps every one
         from gpurec.storage import ShardCache
@@ -647,7 +639,7 @@ def open_source(
     (:meth:`Dataset.prefetch`) or read. Shards without an `.idx` are fetched (and scanned)
     now. Local sources open as ``Dataset(resolve_source(source))``."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    urls = list(dict.fromkeys(i for i in items if isinstance(i, str) and _URL.match(i)))
+    urls = list(dict.fromkeys(i for i in items if is_url(i)))
     if not urls:
         return Dataset(resolve_source(items), on_error=on_error)
     from gpurec.storage import ShardCache, ShardFetcher

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 
 from gpurec.dataset import Dataset, resolve_source
+from gpurec.naming import classes_candidates
 from gpurec.recordio import (
     IR_SIZE,
     RecordIOError,
@@ -36,15 +36,13 @@ from gpurec.transcode import ImageError, sniff
 __all__ = ["BadRecord", "DatasetInfo", "VerifyReport", "find_classes", "info", "verify"]
 
 Progress = Callable[[int], None]
-_SPLIT = re.compile(r"(-\d{5}-of-\d{5})?$")
 
 
 def find_classes(rec: Path) -> list[str] | None:
     """Class names from the ``<prefix>.classes.json`` that ``gpurec pack`` wrote beside
     the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``)."""
-    stem = _SPLIT.sub("", rec.stem)
-    for candidate in (stem, re.sub(r"_(train|val|test)$", "", stem)):
-        path = rec.with_name(candidate + ".classes.json")
+    for candidate in classes_candidates(rec.name):
+        path = rec.with_name(candidate)
         if path.is_file():
             classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
             if isinstance(classes, list):

@@ -43,6 +43,7 @@ from gpurec.listing import (
     list_images,
     split_entries,
 )
+from gpurec.naming import classes_name, shard_stem
 from gpurec.recordio import (
     MAX_RECORD_SIZE,
     IRHeader,
@@ -793,10 +794,7 @@ def _write_json(path: Path, obj: object) -> None:
 
 def shard_prefix(prefix: Path, split: str, shard: int, shards: int) -> Path:
     """``PREFIX[_split][-KKKKK-of-NNNNN]``: the name of one shard, without extension."""
-    name = prefix.name + (f"_{split}" if split else "")
-    if shards > 1:
-        name += f"-{shard:05d}-of-{shards:05d}"
-    return prefix.with_name(name)
+    return prefix.with_name(shard_stem(prefix.name, split, shard, shards))
 
 
 def _even_chunks(entries: list[ListEntry], n: int) -> list[list[ListEntry]]:
@@ -970,7 +968,7 @@ def pack(
                 executor=opts.executor,
                 on_shard=outputs.shard_done,
             )
-        classes = prefix.with_name(prefix.name + ".classes.json")
+        classes = prefix.with_name(classes_name(prefix.name))
         _write_json(  # last: a pack that failed leaves nothing under a final name
             classes, {"classes": listing.classes, "labels_from": _labels_from(opts)}
         )

@@ -39,7 +39,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -50,6 +49,8 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gpurec.naming import classes_candidates, is_url, select_shards
 
 __all__ = [
     "Publisher",
@@ -64,15 +65,8 @@ __all__ = [
     "release_shards",
 ]
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.rec$")
 # Stores on which an object becomes visible only when its upload is complete.
 _WHOLE_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "memory", "oss"}
-
-
-def is_url(path: object) -> bool:
-    """Whether ``path`` is a URL with a protocol (``s3://b/k``); ``file://`` counts too."""
-    return isinstance(path, str) and bool(_URL.match(path))
 
 
 def local_path(path: str | os.PathLike) -> str | os.PathLike:
@@ -507,19 +501,9 @@ class ShardCache:
             elif path + ".rec" in by_path:
                 recs = [path + ".rec"]
             else:
-                pattern = re.compile(re.escape(path) + r"-\d{5}-of-\d{5}\.rec$")
-                recs = sorted(p for p in by_path if pattern.match(p))
-                if not recs:
-                    raise FileNotFoundError(
-                        f"no {url}.rec nor shards {url}-KKKKK-of-NNNNN.rec found"
-                    )
-                total = int(_SHARD.search(recs[0]).group(2))
-                have = {int(_SHARD.search(p).group(1)) for p in recs}
-                missing = sorted(set(range(total)) - have)
-                if missing:
-                    raise FileNotFoundError(
-                        f"{url}: shard(s) {', '.join(map(str, missing))} of {total} are missing"
-                    )
+                in_folder = [p.rsplit("/", 1)[-1] for p in by_path if p.rsplit("/", 1)[0] == folder]
+                names = select_shards(path.rsplit("/", 1)[-1], in_folder, url)
+                recs = [f"{folder}/{name}" for name in names]
         shards = []
         for rec in recs:
             files = []
@@ -528,9 +512,8 @@ class ShardCache:
                 if info is not None:
                     files.append(_Remote(to_url(p), p, int(info.get("size") or 0), _etag(info)))
             shards.append(files)
-        stem = _SHARD.sub("", recs[0].rsplit("/", 1)[-1]).removesuffix(".rec")
-        for name in {stem, re.sub(r"_(train|val|test)$", "", stem)}:
-            cls = f"{folder}/{name}.classes.json"
+        for name in classes_candidates(recs[0].rsplit("/", 1)[-1]):
+            cls = f"{folder}/{name}"
             if cls in by_path:
                 info = by_path[cls]
                 shards[0].append(_Remote(to_url(cls), cls, int(info.get("size") or 0), _etag(info)))

@@ -220,6 +220,46 @@ def test_a_pipeline_on_s3_fetches_its_idx_files_then_its_own_first_shard_first(
     plain.close()
 
 
+def test_a_url_prefix_beside_stray_copies_and_with_spaces_resolves_to_its_shards(
+    s3, tmp_path: Path
+) -> None:
+    """The rules of tests/test_naming.py for URLs: a backup copy or a short name beside
+    the shards is passed over, a space is a character like any other, a missing shard
+    is named."""
+    from gpurec import Pipeline
+    from gpurec.storage import ShardCache
+
+    root = color_tree(tmp_path / "img", per_class=4)
+    from gpurec.pack import pack
+
+    pack(root, tmp_path / "local" / "my ds", resize=32, shards=2, workers=1)
+    local = tmp_path / "local"
+    shard = (local / "my ds-00001-of-00002.rec").read_bytes()
+    for path in sorted(local.iterdir()):
+        s3.put_object(Bucket=BUCKET, Key=f"sp/{path.name}", Body=path.read_bytes())
+    for stray in ("my ds-00001-of-00002-copy.rec", "my ds-1-of-2.rec", "my ds-00002-of-00002.rec",
+                  "my ds-00000-of-2.rec", "my ds_train-00000-of-00002.rec"):  # fmt: skip
+        s3.put_object(Bucket=BUCKET, Key=f"sp/{stray}", Body=shard)
+    cache = ShardCache(tmp_path / "cache")
+    url = f"s3://{BUCKET}/sp/my ds"
+    got = cache.resolve(url)
+    assert [[f.url for f in files] for files in got] == [
+        [f"s3://{BUCKET}/sp/my ds-0000{k}-of-00002.{ext}" for ext in ("rec", "idx")]
+        + ([f"s3://{BUCKET}/sp/my ds.classes.json"] if k == 0 else [])
+        for k in range(2)
+    ]
+    kw = dict(device="cpu", backend="cpu", train=False, shuffle=False)
+    with Pipeline(url, 4, (3, 16, 16), cache_dir=tmp_path / "cache", **kw) as remote:
+        got_labels = np.concatenate([b.label for b in remote]).tolist()
+    with Pipeline(str(local / "my ds"), 4, (3, 16, 16), **kw) as plain:
+        assert got_labels == np.concatenate([b.label for b in plain]).tolist()
+    assert len(got_labels) == 12
+    s3.delete_object(Bucket=BUCKET, Key="sp/my ds-00001-of-00002.rec")
+    with pytest.raises(FileNotFoundError, match=r"shard\(s\) 1 of 2 are missing") as info:
+        cache.resolve(url)
+    assert "my ds-00001-of-00002.rec" in str(info.value)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "dali"])
 def test_an_epoch_from_s3_equals_the_local_one(s3, tmp_path: Path, backend: str) -> None:
     if backend == "dali":
