@@ -41,9 +41,7 @@ import contextlib
 import glob
 import hashlib
 import os
-import struct
 import sys
-import tempfile
 import threading
 import weakref
 from bisect import bisect_right
@@ -55,16 +53,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpurec.naming import is_url, select_shards
+from gpurec.naming import cache_home, is_url, scan_cache_name, select_shards
 from gpurec.recordio import (
     IR_SIZE,
     MAGIC,
     IRHeader,
     RecordIOError,
     RecordReader,
+    atomic_write,
     check_frame,
+    first_label,
     header_bytes,
     idx_path_for,
+    peek_frame,
+    peek_header,
     read_idx,
     unpack,
 )
@@ -74,9 +76,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Dataset", "Shard", "index_cache_dir", "open_shard", "open_source", "resolve_source"]
 
-_IR = struct.Struct("<IfQQ")
-_FRAME = struct.Struct("<II")  # magic, cflag << 29 | length
-_LEN_MASK = (1 << 29) - 1
 _CACHE_VERSION = 1
 _PROGRESS_BYTES = 256 << 20  # scans of larger files show a progress bar on a terminal
 
@@ -163,13 +162,12 @@ class Shard:
 
 def index_cache_dir() -> Path:
     """Where scans of index-less files are cached when their own folder is read-only."""
-    base = os.environ.get("GPUREC_CACHE") or Path.home() / ".cache" / "gpurec"
-    return Path(base) / "index"
+    return cache_home("index")
 
 
 def _cache_candidates(rec: Path, cache_dir: Path | None) -> list[Path]:
     """The cached-scan files of ``rec``: beside it, then in the cache folder."""
-    name = rec.name + ".gpurec-index.npz"
+    name = scan_cache_name(rec.name)
     digest = hashlib.sha1(str(rec.resolve()).encode()).hexdigest()[:16]
     folder = index_cache_dir() if cache_dir is None else Path(cache_dir)
     return [rec.with_name(name), folder / f"{digest}-{name}"]
@@ -253,12 +251,9 @@ def _load_cached(path: Path, stat: os.stat_result) -> _Scan | None:
 def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> Path | None:
     """Write the scan atomically to the first place that takes it; None if none does."""
     for path in candidates:
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            tmp = Path(name)
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(path) as f:
                 np.savez(
                     f,
                     version=_CACHE_VERSION,
@@ -269,12 +264,9 @@ def _store_cached(candidates: list[Path], stat: os.stat_result, scan: _Scan) -> 
                     end_offset=-1 if scan.end_offset is None else scan.end_offset,
                     end_reason=scan.end_reason or "",
                 )
-            os.replace(tmp, path)
             return path
         except OSError:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            pass
     return None
 
 
@@ -363,10 +355,10 @@ def _insightface(shard: Shard, on_error: str) -> Shard | None:
     head = reader.head_at(at, min(length, IR_SIZE + 8))
     if cflag != 0 or len(head) < IR_SIZE + 8:
         return None
-    flag, *_ = _IR.unpack_from(head)
+    flag, *_ = peek_header(head)
     if flag < 2 or length != IR_SIZE + 4 * flag:
         return None
-    first_end = int(np.frombuffer(head, "<f4", 1, IR_SIZE)[0])
+    first_end = int(first_label(head))
     rev_keys, key_offsets = _last_wins(keys, offsets)
     want = np.arange(1, max(first_end, 1), dtype=np.int64)
     where = np.searchsorted(rev_keys, want)
@@ -526,19 +518,18 @@ class _FetchingReader:
         if self._reader is not None:
             return self._reader.frame_at(offset)
         head = self._head(int(offset))
-        magic, lrec = _FRAME.unpack_from(head) if len(head) >= 8 else (None, 0)
+        magic, cflag, length = peek_frame(head) if len(head) >= 8 else (None, 0, 0)
         if magic != MAGIC:
             got = "no frame header" if magic is None else f"bad magic 0x{magic:08x}"
             raise RecordIOError(f"{got} in {self.url}", self.path, offset=int(offset))
-        return lrec >> 29, lrec & _LEN_MASK
+        return cflag, length
 
     def head_at(self, offset: int, n: int = IR_SIZE) -> bytes:
         offset = int(offset)
         if self._reader is None and n <= IR_SIZE + 8:
             head = self._head(offset)
             if len(head) >= 8:
-                magic, lrec = _FRAME.unpack_from(head)
-                cflag, length = lrec >> 29, lrec & _LEN_MASK
+                magic, cflag, length = peek_frame(head)
                 whole = cflag == 0 or (cflag == 1 and length >= n)
                 if magic == MAGIC and whole and len(head) >= 8 + min(n, length):
                     return head[8 : 8 + min(n, length)]
@@ -787,8 +778,8 @@ class Dataset:
         s = self.shards[shard]
         head = bytes(s.reader.head_at(int(self._offsets[shard][pos]), IR_SIZE + 4))
         if s.first_label_only and head[:4] != b"\0\0\0\0" and len(head) >= IR_SIZE + 4:
-            _, _, id1, id2 = _IR.unpack_from(head)  # InsightFace: the first label, as read()
-            label = float(np.frombuffer(head, "<f4", 1, IR_SIZE)[0])
+            _, _, id1, id2 = peek_header(head)  # InsightFace: the first label, as read()
+            label = first_label(head)
             return header_bytes(IRHeader(0, label, id1, id2))
         return head[:IR_SIZE]
 

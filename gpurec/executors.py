@@ -111,22 +111,19 @@ def _pack_one(
 
 def _place(result: dict, final_dir: str, storage_options) -> None:
     """Move one finished attempt's files to their final names (driver only, once)."""
-    from gpurec.storage import filesystem, is_url
+    from gpurec.recordio import publish_shard
+    from gpurec.storage import filesystem, is_url, place_in_order
 
     rec, idx, lst = result["files"]
     if is_url(final_dir):
         fs, base = filesystem(final_dir, storage_options)
         _, src = filesystem(result["attempt"], storage_options)
         fs.invalidate_cache()
-        if fs.exists(f"{base}/{idx}"):
-            fs.rm_file(f"{base}/{idx}")
-        for name in (rec, idx, lst):
-            fs.mv(f"{src}/{name}", f"{base}/{name}")
+        moves = [(f"{src}/{name}", f"{base}/{name}") for name in (rec, idx, lst)]
+        place_in_order(fs, moves, [f"{base}/{idx}"], fs.mv)
         return
     src, dst = Path(result["attempt"]), Path(final_dir)
-    (dst / rec).unlink(missing_ok=True)  # never a .rec beside a stale .idx
-    os.replace(src / idx, dst / idx)
-    os.replace(src / rec, dst / rec)
+    publish_shard(src / rec, dst / rec, src / idx, dst / idx)  # never beside a stale .idx
     os.replace(src / lst, dst / lst)
 
 

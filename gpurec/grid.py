@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
+from gpurec.recordio import atomic_write
 
 __all__ = ["CAPTION", "batch_images", "captions", "picture", "tile", "write_grid"]
 
@@ -85,7 +86,6 @@ def write_grid(path: str | Path, picture: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", picture)
     if not ok:
         raise ValueError(f"cannot encode a {picture.shape} picture as PNG")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(buf.tobytes())
     return path

@@ -10,17 +10,21 @@ object-store listings are resolved by the same rules.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "ShardName",
+    "cache_home",
     "classes_candidates",
     "classes_name",
     "dataset_stem",
     "is_url",
     "parse_shard",
+    "scan_cache_name",
     "select_shards",
     "shard_stem",
 ]
@@ -85,6 +89,17 @@ def classes_candidates(rec_name: str) -> list[str]:
     if base != stem:
         names.append(classes_name(base))
     return names
+
+
+def cache_home(part: str) -> Path:
+    """gpurec's one cache root, ``$GPUREC_CACHE`` else ``~/.cache/gpurec``, and its
+    ``part`` below it (``shards``: fetched shards, ``index``: scans of index-less files)."""
+    return Path(os.environ.get("GPUREC_CACHE") or Path.home() / ".cache" / "gpurec") / part
+
+
+def scan_cache_name(rec_name: str) -> str:
+    """The file name of the cached scan of an index-less `.rec` (beside it or in the cache)."""
+    return rec_name + ".gpurec-index.npz"
 
 
 def select_shards(prefix: str, names: Iterable[str], shown: str) -> list[str]:

@@ -50,6 +50,7 @@ from gpurec.recordio import (
     ListEntry,
     RecordIOError,
     RecordWriter,
+    atomic_write,
     frame_record,
     read_lst,
     write_all,
@@ -764,25 +765,8 @@ def write_report(path: Path, skipped: Sequence[tuple[str, str]]) -> Path | None:
 def _write_text(path: Path, text: str) -> None:
     """Write through a temporary name of its own (concurrent writers of one file, the
     parts of a job array, never share one) and rename; on any failure nothing is left."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file is as any other
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # read once, at import: setting it is not thread-safe
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
+    with atomic_write(path, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
+        f.write(text)
 
 
 def _write_json(path: Path, obj: object) -> None:

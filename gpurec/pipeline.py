@@ -35,7 +35,7 @@ from gpurec.augment import AugmentSpec
 from gpurec.dataset import open_source
 from gpurec.draws import Draws, draw
 from gpurec.order import LAST_BATCH, Plan, Segment, batches_for, plan, rank_range
-from gpurec.recordio import RecordIOError
+from gpurec.recordio import RecordIOError, label_count
 
 __all__ = ["Batch", "Pipeline", "rank_range"]
 
@@ -172,7 +172,7 @@ class Pipeline:
         first = self.dataset.head(0)  # without waiting for a shard being fetched
         if len(first) < 4:
             raise RecordIOError(f"record 0 has no IRHeader: {self.dataset.where(0)}")
-        self.label_width = max(1, int.from_bytes(first[:4], "little"))  # IRHeader.flag
+        self.label_width = max(1, label_count(first))
         self.backend = self._make_backend(backend)
 
     # ------------------------------------------------------------------ construction

@@ -29,12 +29,13 @@ import contextlib
 import mmap
 import os
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import IO, Literal, NamedTuple
 
 import numpy as np
 
@@ -47,15 +48,23 @@ __all__ = [
     "RecordIOError",
     "RecordReader",
     "RecordWriter",
+    "atomic_write",
     "check_frame",
+    "first_label",
     "format_lst_line",
     "frame_record",
     "idx_path_for",
+    "label_count",
     "pack",
+    "parse_idx",
+    "peek_frame",
+    "peek_header",
+    "publish_shard",
     "read_idx",
     "read_lst",
     "rebuild_idx",
     "scan_offsets",
+    "temp_beside",
     "unpack",
     "unpack_view",
     "write_all",
@@ -74,6 +83,68 @@ _IR = struct.Struct("<IfQQ")
 IR_SIZE = _IR.size  # 24 bytes, as MXNet's struct.calcsize('IfQQ')
 
 PathLike = str | os.PathLike
+
+
+# ------------------------------------------------------------------- files put in place
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # read once, at import: setting it is not thread-safe
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def temp_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file of its own beside ``path`` (``.NAME.XXXXXXXX.tmp``: two
+    writers of one file never share one), with the permissions a plain ``open`` gives:
+    ``(fd, its path)``."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file is as any other
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return fd, Path(name)
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: PathLike,
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+) -> Iterator[IO]:
+    """``with atomic_write(path) as f:``: ``f`` writes a temporary file of its own beside
+    ``path`` (:func:`temp_beside`), renamed to ``path`` when the block ends; on any error
+    the temporary file is removed and ``path`` is as it was. The one way gpurec writes a
+    small file that others may read at any moment."""
+    path = Path(path)
+    fd, tmp = temp_beside(path)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding, errors=errors, newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish_shard(
+    rec_src: PathLike, rec: PathLike, idx_src: PathLike | None, idx: PathLike | None
+) -> None:
+    """Move a finished shard's files to their final names in the one order that never
+    shows a `.rec` beside a stale `.idx`: the old `.rec` goes first, then the new `.idx`
+    is placed, then the new `.rec` (without a new `.idx`, only the `.rec` is moved)."""
+    if idx_src is not None and idx is not None:
+        Path(rec).unlink(missing_ok=True)
+        os.replace(idx_src, idx)
+    os.replace(rec_src, rec)
 
 
 class RecordIOError(Exception):
@@ -171,7 +242,33 @@ def _header(record: bytes | memoryview) -> tuple[IRHeader, int]:
     return IRHeader(flag, labels, rid, rid2), end
 
 
+def peek_header(head: bytes | memoryview, at: int = 0) -> tuple[int, float, int, int]:
+    """The IRHeader fields ``(flag, label, id, id2)`` at byte ``at`` of ``head`` (a
+    record's first bytes), labels after it unread; ``struct.error`` when fewer than
+    :data:`IR_SIZE` bytes are there (as ``struct.unpack`` in MXNet's ``unpack``)."""
+    return _IR.unpack_from(head, at)
+
+
+def label_count(head: bytes | memoryview) -> int:
+    """``IRHeader.flag`` of a record's first bytes (4 are enough): how many float32
+    labels follow the header, 0 for a record whose label is the header's own."""
+    return int.from_bytes(bytes(head[:4]), "little")
+
+
+def first_label(head: bytes | memoryview) -> float:
+    """The first of the labels that follow the IRHeader (``flag > 0``), from the
+    record's first ``IR_SIZE + 4`` bytes."""
+    return float(np.frombuffer(head, "<f4", 1, IR_SIZE)[0])
+
+
 # ------------------------------------------------------------------------ record frames
+
+
+def peek_frame(buf: bytes | memoryview | mmap.mmap, at: int = 0) -> tuple[int, int, int]:
+    """``(magic, cflag, length)`` of the frame header at byte ``at`` of ``buf``, unchecked
+    (:func:`check_frame` checks); ``struct.error`` when fewer than 8 bytes are there."""
+    magic, lrec = _FRAME.unpack_from(buf, at)
+    return magic, lrec >> 29, lrec & _LEN_MASK
 
 
 def _has_magic(data: memoryview) -> bool:
@@ -274,6 +371,8 @@ class RecordWriter:
     def __init__(self, path: PathLike, idx_path: PathLike | None = None) -> None:
         self.path = Path(path)
         self.idx_path = None if idx_path is None else Path(idx_path)
+        # Fixed temporary names, unlike atomic_write's: a writer killed mid-shard leaves
+        # them, and the pack run again writes over them instead of beside them.
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._idx_tmp = (
             None if self.idx_path is None else self.idx_path.with_name(self.idx_path.name + ".tmp")
@@ -372,12 +471,7 @@ class RecordWriter:
                     except OSError as exc:
                         raise OSError(exc.errno, exc.strerror, str(tmp)) from None
                     handle.close()
-            # Drop the old .rec first, then place the .idx, then the .rec: at every instant
-            # a .rec under its final name has its own .idx beside it, never a stale one.
-            if self._idx_tmp is not None:
-                self.path.unlink(missing_ok=True)
-                os.replace(self._idx_tmp, self.idx_path)
-            os.replace(self._tmp, self.path)
+            publish_shard(self._tmp, self.path, self._idx_tmp, self.idx_path)
         except BaseException:  # disk full at the last moment: leave no temporary behind
             self.abort()
             raise
@@ -754,7 +848,12 @@ def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     fraction of a second; only when that fails is it read line by line, to name the
     malformed line.
     """
-    data = Path(path).read_bytes()
+    return parse_idx(Path(path).read_bytes(), path)
+
+
+def parse_idx(data: bytes, path: PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and offsets of the text of an `.idx` (see :func:`read_idx`; ``path`` names
+    the file in errors): the one bulk parser of `.idx` files."""
     rows = _content_lines(data)
     fields = data.split()
     if len(fields) == 2 * rows and data.count(b"\t") == rows and b"\t" not in _between_tabs(data):
@@ -781,15 +880,9 @@ def read_idx(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def write_idx(path: PathLike, keys: Iterable[int], offsets: Iterable[int]) -> None:
     """Write an `.idx` (``key<TAB>offset`` lines), atomically."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        text = _idx_text(keys, offsets)
-        with open(tmp, "wb") as f:
-            f.write(text)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    text = _idx_text(keys, offsets)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def rebuild_idx(
@@ -900,15 +993,9 @@ def format_lst_line(entry: ListEntry) -> str:
 
 def write_lst(path: PathLike, entries: Iterable[ListEntry]) -> int:
     """Write a `.lst` atomically; returns the number of lines."""
-    tmp = Path(str(path) + ".tmp")
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for entry in entries:
-                f.write(format_lst_line(entry))
-                n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
+        for entry in entries:
+            f.write(format_lst_line(entry))
+            n += 1
     return n

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpurec.naming import classes_candidates, is_url, select_shards
+from gpurec.naming import cache_home, classes_candidates, is_url, scan_cache_name, select_shards
+from gpurec.recordio import atomic_write
 
 __all__ = [
     "Publisher",
@@ -260,6 +261,24 @@ class RemoteRoot:
 # ------------------------------------------------------------------------------ writing
 
 
+def place_in_order(
+    fs, pairs: Sequence[tuple[Any, str]], delete_first: Sequence[str], place
+) -> None:
+    """The publish order in a store (:func:`gpurec.recordio.publish_shard` is the local
+    one): the stale `.idx` of an earlier pack (``delete_first``) goes before anything is
+    placed, then each (source, path) pair, the `.rec` before its `.idx`, by ``place``.
+    Each object appears whole, so a `.rec` under its final name never stands beside a
+    stale `.idx`."""
+    if delete_first:
+        fs.invalidate_cache()
+    for path in delete_first:
+        with contextlib.suppress(FileNotFoundError):
+            if fs.exists(path):
+                fs.rm_file(path)
+    for source, path in pairs:
+        place(source, path)
+
+
 class Publisher:
     """Moves finished local files to their final URLs, in order, in a background thread.
 
@@ -305,14 +324,7 @@ class Publisher:
     def _group(self, pairs: Sequence[tuple[Path, str]], delete_first: Sequence[str]) -> None:
         if self._failed is not None:
             return  # an earlier group failed: upload nothing after it (close raises that error)
-        if delete_first:
-            self.fs.invalidate_cache()
-        for path in delete_first:
-            with contextlib.suppress(FileNotFoundError):
-                if self.fs.exists(path):
-                    self.fs.rm_file(path)
-        for local, path in pairs:
-            self._put(local, path)
+        place_in_order(self.fs, pairs, delete_first, self._put)
 
     @staticmethod
     def _bad(future: Future) -> bool:
@@ -379,8 +391,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     ``~/.cache/gpurec/shards``."""
     if cache_dir is not None:
         return Path(cache_dir)
-    base = os.environ.get("GPUREC_CACHE") or Path.home() / ".cache" / "gpurec"
-    return Path(base) / "shards"
+    return cache_home("shards")
 
 
 @dataclass
@@ -554,18 +565,17 @@ class ShardCache:
             meta = self._meta_path(local)
             meta.unlink(missing_ok=True)  # never a valid meta beside a file being replaced
             os.replace(part, local)
-            tmp = meta.with_name(meta.name + ".tmp")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "url": remote.url,
-                        "size": remote.size,
-                        "etag": remote.etag,
-                        "fetched": time.time(),
-                    }
+            with atomic_write(meta, "w") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "url": remote.url,
+                            "size": remote.size,
+                            "etag": remote.etag,
+                            "fetched": time.time(),
+                        }
+                    )
                 )
-            )
-            os.replace(tmp, meta)
         finally:
             _PARTS.discard(part)
             part.unlink(missing_ok=True)
@@ -683,7 +693,7 @@ class ShardCache:
                     self._meta_path(path).unlink(missing_ok=True)
                     path.unlink(missing_ok=True)
                 # gpurec.dataset's cached scan of a shard that came without an .idx
-                rec.with_name(rec.name + ".gpurec-index.npz").unlink(missing_ok=True)
+                rec.with_name(scan_cache_name(rec.name)).unlink(missing_ok=True)
             total -= size
             removed.append(rec)
         return removed

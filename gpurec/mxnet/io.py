@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from gpurec.mxnet.image import NDArray
+from gpurec.recordio import atomic_write, peek_header
 from gpurec.storage import is_url
 
 __all__ = [
@@ -288,9 +289,8 @@ def write_ndarray_file(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -
     out.append(struct.pack("<Q", len(arrays)))
     for key in arrays:
         out.append(struct.pack("<Q", len(key.encode())) + key.encode())
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_bytes(b"".join(out))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(b"".join(out))
 
 
 # ------------------------------------------------------------------------ translation
@@ -758,8 +758,7 @@ class ImageRecordIter:
     def _record_ids(self, index: np.ndarray) -> np.ndarray:
         """The records' own ids (``IRHeader.id``), MXNet's ``image_index``."""
         dataset = self.pipe.dataset
-        return np.array([struct.unpack_from("<Q", dataset.read_view(int(i)), 8)[0]
-                         for i in index], np.uint64)  # fmt: skip
+        return np.array([peek_header(dataset.head(int(i)))[2] for i in index], np.uint64)
 
     def _relabel(self, ids: np.ndarray) -> np.ndarray:
         width = self._opts["label_width"]

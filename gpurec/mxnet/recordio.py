@@ -54,7 +54,14 @@ from typing import Any
 import numpy as np
 
 from gpurec import recordio as _format
-from gpurec.recordio import _IR, IR_SIZE, RecordReader, frame_record, write_all
+from gpurec.recordio import (
+    IR_SIZE,
+    RecordReader,
+    frame_record,
+    parse_idx,
+    peek_header,
+    write_all,
+)
 
 __all__ = [
     "IRHeader",
@@ -284,12 +291,12 @@ def _load_idx(path: str, key_type: Callable[[Any], Hashable]) -> tuple[dict, lis
         data = f.read()
     if key_type is int and _plain_idx(data):
         try:
-            table = np.array(data.split(), dtype=np.int64).reshape(-1, 2)
-        except (ValueError, OverflowError):
+            key_array, offsets = parse_idx(data, path)
+        except (ValueError, OverflowError, _format.RecordIOError):
             pass  # a misplaced sign or a huge number: the line-by-line path says which
         else:
-            keys = table[:, 0].tolist()
-            return dict(zip(keys, table[:, 1].tolist(), strict=True)), keys
+            keys = key_array.tolist()
+            return dict(zip(keys, offsets.tolist(), strict=True)), keys
     idx: dict = {}
     keys = []
     with open(path) as f:  # text mode, as MXNet reads it
@@ -443,7 +450,7 @@ def unpack(s: bytes) -> tuple[IRHeader, bytes]:
     float32 precision). A record shorter than the header raises ``struct.error``, one
     with fewer labels than ``flag`` says ``ValueError``, as in MXNet.
     """
-    header = IRHeader(*_IR.unpack(s[:IR_SIZE]))
+    header = IRHeader(*peek_header(s))
     s = s[IR_SIZE:]
     if header.flag > 0:
         try:
