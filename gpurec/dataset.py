@@ -60,8 +60,10 @@ from gpurec.recordio import (
     IRHeader,
     RecordIOError,
     RecordReader,
+    ShardReader,
     atomic_write,
     check_frame,
+    check_offsets,
     first_label,
     header_bytes,
     idx_path_for,
@@ -140,7 +142,7 @@ class Shard:
     ``reader`` is a :class:`_FetchingReader` for a shard still being fetched.
     """
 
-    reader: RecordReader | _FetchingReader
+    reader: ShardReader
     offsets: np.ndarray
     keys: np.ndarray
     layout: str  # "plain" or "insightface"
@@ -282,13 +284,13 @@ def _cut_error(
     )
 
 
-def _open_indexed(reader: RecordReader | _FetchingReader, idx: Path, on_error: str) -> Shard:
+def _open_indexed(reader: ShardReader, idx: Path, on_error: str) -> Shard:
     keys, offsets = read_idx(idx)
     rec, size = getattr(reader, "url", reader.path), reader.size  # errors name the URL if remote
     misplaced = reader.misplaced(offsets)
     past_end = misplaced & (offsets + 8 > size) & (offsets >= 0)
     if (misplaced & ~past_end).any():  # a wrong .idx, not a short file: always an error
-        reader._check_offsets(offsets)
+        reader.check_offsets(offsets)
     lost_mask = past_end.copy()
     end = None
     records_end = 0  # where the last indexed record ends
@@ -453,8 +455,6 @@ class _FetchingReader:
     with (``expect``); otherwise every read raises a ValueError naming the URL.
     """
 
-    _check_offsets = RecordReader._check_offsets  # its messages, from the checks below
-
     def __init__(
         self,
         path: Path,
@@ -490,6 +490,9 @@ class _FetchingReader:
 
     def header_only(self, offsets: np.ndarray) -> np.ndarray:
         return np.zeros(len(offsets), dtype=bool)
+
+    def check_offsets(self, offsets: np.ndarray) -> None:
+        check_offsets(self, offsets)  # RecordReader's messages, from the checks above
 
     def skip_at(self, offset: int) -> int:
         """The offset after the record at ``offset``, walking its frames by ranged reads of

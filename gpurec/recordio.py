@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, NamedTuple
+from typing import IO, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -48,8 +48,10 @@ __all__ = [
     "RecordIOError",
     "RecordReader",
     "RecordWriter",
+    "ShardReader",
     "atomic_write",
     "check_frame",
+    "check_offsets",
     "first_label",
     "format_lst_line",
     "frame_record",
@@ -562,6 +564,48 @@ def idx_path_for(rec_path: PathLike) -> Path:
     return Path(rec_path).with_suffix(".idx")
 
 
+class ShardReader(Protocol):
+    """What a dataset asks of the reader of one `.rec`: :class:`RecordReader` (a local
+    file) serves it, and so does ``gpurec.dataset``'s reader of a shard still being
+    fetched from a store, each with its own code for it."""
+
+    path: Path
+    idx_path: Path | None
+    size: int
+
+    def misplaced(self, offsets: np.ndarray) -> np.ndarray: ...
+    def header_only(self, offsets: np.ndarray) -> np.ndarray: ...
+    def check_offsets(self, offsets: np.ndarray) -> None: ...
+    def frame_at(self, offset: int) -> tuple[int, int]: ...
+    def head_at(self, offset: int, n: int = IR_SIZE) -> bytes: ...
+    def skip_at(self, offset: int) -> int: ...
+    def read_at(self, offset: int) -> tuple[bytes, int]: ...
+    def view_at(self, offset: int) -> memoryview | bytes: ...
+    def close(self) -> None: ...
+
+
+def check_offsets(reader: ShardReader, offsets: np.ndarray) -> None:
+    """Every `.idx` offset must point at a record start of the reader's `.rec` (by its
+    :meth:`~ShardReader.misplaced`, vectorised): else an error naming the first that
+    does not, its `.idx` line and why."""
+    if not len(offsets):
+        return
+    bad = reader.misplaced(offsets)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        off = int(offsets[i])
+        reason = (
+            f"past the end of the {reader.size}-byte file"
+            if off + 8 > reader.size or off < 0
+            else "not at a record start"
+        )
+        raise RecordIOError(
+            f".idx line {i + 1} (offset {off}) points {reason} of {reader.path}",
+            reader.idx_path,
+            offset=off,
+        )
+
+
 class RecordReader:
     """Random and sequential access to a `.rec` file through a memory map.
 
@@ -597,7 +641,7 @@ class RecordReader:
         self._key_pos: dict[int, int] | None = None
         if self.idx_path is not None:
             keys, offsets = read_idx(self.idx_path)
-            self._check_offsets(offsets)
+            self.check_offsets(offsets)
             self._keys, self._offsets = keys, offsets
 
     def misplaced(self, offsets: np.ndarray) -> np.ndarray:
@@ -628,24 +672,9 @@ class RecordReader:
         length = lrec & _LEN_MASK
         return ((lrec >> 29) == 0) & (flag >= 1) & (length == IR_SIZE + 4 * flag)
 
-    def _check_offsets(self, offsets: np.ndarray) -> None:
+    def check_offsets(self, offsets: np.ndarray) -> None:
         """Every `.idx` offset must point at a record start of this `.rec` (vectorised)."""
-        if not len(offsets):
-            return
-        bad = self.misplaced(offsets)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            off = int(offsets[i])
-            reason = (
-                f"past the end of the {self.size}-byte file"
-                if off + 8 > self.size or off < 0
-                else "not at a record start"
-            )
-            raise RecordIOError(
-                f".idx line {i + 1} (offset {off}) points {reason} of {self.path}",
-                self.idx_path,
-                offset=off,
-            )
+        check_offsets(self, offsets)
 
     # -- offsets and keys
     @property

@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
 import weakref
 from collections import deque
@@ -90,6 +89,9 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
+from gpurec.backends.common import label_of, reusable, stand_in_candidates
+from gpurec.backends.common import round_half_away as _round_half_away
+from gpurec.backends.common import staged as _staged
 from gpurec.draws import AREA, LUMA, Colour, Draws, Geometry, colour, enlarge_side, geometry
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, ImageInfo, UnknownImage, sniff
@@ -131,37 +133,11 @@ def reduction(geo: Geometry, spec: AugmentSpec) -> int:
     return 1
 
 
-def _staged(spec: AugmentSpec) -> bool:
-    """Whether a warped image runs MXNet's steps apart (warp onto the canvas, pad,
-    enlarge, window, window resize) instead of one warp to the output: when the window
-    may be resized (a random-resized crop, or a crop of random size), or padding
-    surrounds the warped canvas. The DALI backend's condition
-    (``gpurec.backends.dali._staged``, not imported: this backend runs without DALI's
-    module), so that both backends resample the same way; keep the two equal."""
-    window_resized = spec.crop == "random_resized" or spec.max_crop_size > 0
-    return window_resized or (spec.affine and spec.pad > 0)
-
-
 def _spare(img: np.ndarray, scratch: list[np.ndarray]) -> np.ndarray:
     """A scratch image of the output size to write a step of ``img`` into: not ``img``
     itself (OpenCV's steps do not all work in place). Scratch 0 holds the geometry's
     output, so it is free once a colour step has read it."""
     return scratch[0] if img is scratch[1] else scratch[1]
-
-
-def _refcounts(arrays: deque) -> list[int]:
-    """The reference count of each array of ``arrays`` as seen from here."""
-    return [sys.getrefcount(arrays[k]) for k in range(len(arrays))]
-
-
-# What _refcounts says of an array that only its deque holds (measured, not assumed: the
-# count a function sees differs between Python versions).
-_UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
-
-
-def _round_half_away(values: np.ndarray) -> np.ndarray:
-    """C's ``std::round`` (halves away from zero; NumPy rounds them to even)."""
-    return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
 def _tables(spec: AugmentSpec, mult: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -249,13 +225,7 @@ class CPUBackend:
         return self.dataset.error(index, reason)
 
     def _label(self, header, index: int) -> np.ndarray:
-        label = np.atleast_1d(np.asarray(header.label, np.float32))
-        if label.size != self.label_width:
-            raise RecordIOError(
-                f"has {label.size} label(s), the dataset has {self.label_width}: "
-                + self.dataset.where(index)
-            )
-        return label
+        return label_of(header, self.label_width, self.dataset, index)
 
     # ----------------------------------------------------------------------- pixels
     def _scratch(self) -> list[np.ndarray]:
@@ -484,19 +454,10 @@ class CPUBackend:
     # ----------------------------------------------------------------------- batches
     def _new_batch(self, n: int) -> np.ndarray:
         """An array for the next batch: one handed out before that nothing refers to any
-        more (no variable, view, tensor or buffer export holds a reference; a raw data
-        pointer or a weak reference does not count), or else a new one.
-
-        A new array costs the kernel a page fault and a zeroed page for every 4 KiB on
-        first write: for float32 224x224 batches, about a tenth of the CPU time.
-        """
+        more (:func:`gpurec.backends.common.reusable`), or else a new one."""
         shape = self.spec.batch_shape(n)
-        for k, count in enumerate(_refcounts(self._handed)):
-            if count == _UNREFERENCED and self._handed[k].shape == shape:
-                buf = self._handed[k]
-                del self._handed[k]
-                return buf
-        return np.empty(shape, self._dtype)
+        buf = reusable(self._handed, shape)
+        return np.empty(shape, self._dtype) if buf is None else buf
 
     def _submit(self, plan: Plan, b: int):
         indices = plan.batch(b)
@@ -563,13 +524,7 @@ class CPUBackend:
         plan's end) that decodes, written at ``position`` with its draws; the DALI backend
         picks by this rule. Returns the record's index."""
         scratch = self._scratch()
-        n, start = len(plan.indices), b * plan.batch_size
-        tried = {int(i) for i in plan.batch(b)}
-        for step in range(1, n + 1):
-            index = int(plan.indices[(start - step) % n])
-            if index in tried:
-                continue
-            tried.add(index)
+        for index in stand_in_candidates(plan, b, {int(i) for i in plan.batch(b)}):
             try:
                 self._sample(index, d, position, data, labels, scratch)
                 return index

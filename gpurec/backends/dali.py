@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +57,9 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
+from gpurec.backends.common import label_of, reusable, stand_in_candidates
+from gpurec.backends.common import round_half_away as _round_half_away
+from gpurec.backends.common import staged as _staged
 from gpurec.draws import INTERP_CODES, LUMA, Draws, geometry, jitter_matrices
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, UnknownImage, sniff
@@ -65,16 +67,6 @@ from gpurec.transcode import ImageError, UnknownImage, sniff
 if TYPE_CHECKING:
     from gpurec.order import Plan
     from gpurec.pipeline import Pipeline
-
-
-def _refcounts(arrays: deque) -> list[int]:
-    """The reference count of each array of ``arrays`` as seen from here."""
-    return [sys.getrefcount(arrays[k]) for k in range(len(arrays))]
-
-
-# What _refcounts says of an array that only its deque holds (measured, not assumed: the
-# count a function sees differs between Python versions).
-_UNREFERENCED = _refcounts(deque([np.empty(0)]))[0]
 
 
 # Formats OpenCV decodes and DALI's decoders do not: GIF (MXNet's OpenCV decoded it too),
@@ -168,28 +160,6 @@ def _warped(spec: AugmentSpec) -> bool:
     """Whether the graph warps (pre-crop affine or padding, both filled with
     ``fill_value``): else the output is a resized region inside the source."""
     return spec.affine or spec.pad > 0
-
-
-def _window_resized(spec: AugmentSpec) -> bool:
-    """Whether a window may be resized to the output (a random-resized crop or a crop of
-    random size)."""
-    return spec.crop == "random_resized" or spec.max_crop_size > 0
-
-
-def _staged(spec: AugmentSpec) -> bool:
-    """Whether the warp path runs MXNet's steps apart: warp onto the canvas, pad, then
-    resample the window (antialiased, as MXNet resizes it). Needed when the window may be
-    resized, and when a pre-crop affine meets padding: MXNet's canvas clips the warped
-    image and the padding around it is ``fill_value``, which one warp straight to the
-    output cannot tell from the warped corners that reach past the canvas. Otherwise
-    everything after step 1 is one warp to the output (one resampling)."""
-    return _window_resized(spec) or (spec.affine and spec.pad > 0)
-
-
-def _round_half_away(values: np.ndarray) -> np.ndarray:
-    """C's ``std::round``, which MXNet's int8 mean uses (halves away from zero; NumPy's
-    ``np.round`` takes them to even)."""
-    return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
 def _antialias(spec: AugmentSpec) -> bool:
@@ -673,13 +643,7 @@ class DALIBackend:
     def _label(self, header, index: int):
         if header.flag == 0 and self.pipe.label_width == 1:
             return header.label  # one float: the common case, kept cheap
-        label = np.atleast_1d(np.asarray(header.label, np.float32))
-        if label.size != self.pipe.label_width:
-            raise RecordIOError(
-                f"has {label.size} label(s), the dataset has {self.pipe.label_width}: "
-                + self.dataset.where(index)
-            )
-        return label
+        return label_of(header, self.pipe.label_width, self.dataset, index)
 
     def _error(self, index: int, reason: str) -> RecordIOError:
         """An error that names the shard, the record and its byte offset."""
@@ -749,13 +713,9 @@ class DALIBackend:
         the CPU backend
         picks by the same rule. If DALI then fails on it, it is known bad and the next
         is taken."""
-        n = len(plan.indices)
-        start = b * plan.batch_size
-        for step in range(1, n + 1):
-            index = int(plan.indices[(start - step) % n])
-            if index in tried or index in self._bad:
+        for index in stand_in_candidates(plan, b, tried):
+            if index in self._bad:
                 continue
-            tried.add(index)
             try:
                 header, payload = unpack_view(self.dataset.read_view(index))
                 label = self._label(header, index)
@@ -818,12 +778,7 @@ class DALIBackend:
             # any more, or a new one (the CPU backend's rule; fresh 10s-of-MiB arrays cost
             # page faults, and freeing them lets the resident size swing by whole batches).
             shape = (len(tensors), *tensors[0].shape())
-            out = None
-            for k, count in enumerate(_refcounts(self._handed)):
-                if count == _UNREFERENCED and self._handed[k].shape == shape:
-                    out = self._handed[k]
-                    del self._handed[k]
-                    break
+            out = reusable(self._handed, shape)
             if out is None:
                 out = np.empty(shape, np.dtype(self.pipe.spec.dtype))
             tensors.copy_to_external(ctypes.c_void_p(out.ctypes.data))
