@@ -108,7 +108,7 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **re
     """The `.rec` files a source names: a path, a prefix (``PREFIX.rec`` or all of
     ``PREFIX-KKKKK-of-NNNNN.rec``), a glob, or a list of any of these, in order.
     A URL (``s3://bucket/ds_train``) names shards in object storage: they are fetched
-    into the local shard cache (:func:`gpurec.storage.fetch_shards`; ``remote``:
+    into the local shard cache (:meth:`gpurec.storage.ShardCache.fetch_all`; ``remote``:
     its ``cache_dir``, ``cache_limit``, ``storage_options``) and their local paths returned."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
@@ -585,7 +585,7 @@ class _FetchingReader:
                 f"shard {self.url}, fetched to {local}, holds {len(shard)} samples where its "
                 f".idx listed {len(expect)} when the dataset was opened (header-only records, "
                 "offsets off record starts, or a file cut short: only the bytes tell); "
-                "open a local copy (gpurec.storage.fetch_shards) to read what it holds"
+                "open a local copy (gpurec.dataset.resolve_source) to read what it holds"
             )
         return shard.reader
 

@@ -726,13 +726,10 @@ class RecordReader:
         except KeyError:
             raise KeyError(f"no record with key {key} in {self.idx_path or self.path}") from None
 
-    def head(self, i: int, n: int = IR_SIZE) -> bytes:
-        """The first ``n`` bytes of record ``i`` (its IRHeader by default), read from the
-        first frame alone when it is long enough: header scans skip the image bytes."""
-        return self.head_at(int(self.offsets[i]), n)
-
     def head_at(self, offset: int, n: int = IR_SIZE) -> bytes:
-        """The first ``n`` bytes of the record at byte ``offset`` (see :meth:`head`)."""
+        """The first ``n`` bytes of the record at byte ``offset`` (its IRHeader by
+        default), read from the first frame alone when it is long enough: header scans
+        skip the image bytes."""
         offset = int(offset)
         if offset + 8 <= self.size:
             magic, lrec = _FRAME.unpack_from(self._mm, offset)
@@ -802,13 +799,9 @@ class RecordReader:
         return f"RecordReader({str(self.path)!r}, idx_path={idx!r})"
 
 
-def scan_offsets(reader: RecordReader | PathLike) -> Iterator[int]:
+def scan_offsets(reader: RecordReader) -> Iterator[int]:
     """The offset of every record of a `.rec`, found by walking its frames."""
-    if isinstance(reader, RecordReader):
-        yield from (offset for offset, _ in reader.scan(payloads=False))
-        return
-    with RecordReader(reader, idx_path=None) as own:
-        yield from (offset for offset, _ in own.scan(payloads=False))
+    yield from (offset for offset, _ in reader.scan(payloads=False))
 
 
 # --------------------------------------------------------------------------------- .idx

@@ -16,7 +16,7 @@ key=value``), passed to the filesystem as keyword arguments.
   Per shard the `.rec` goes first and its `.idx` after it (a stale `.idx` of an earlier
   pack is deleted before the new `.rec` is placed), and the manifest files
   (``classes.json``, the skip report) go last, once every shard is in place.
-- **Training from a bucket** (:func:`fetch_shards`, :class:`ShardFetcher`): shards are
+- **Training from a bucket** (:class:`ShardCache`, :class:`ShardFetcher`): shards are
   fetched whole into a local cache (``$GPUREC_CACHE/shards``, ``~/.cache/gpurec/shards``
   by default), checked against the store's size and ETag, reused while they match,
   fetched again when they do not, downloaded under a temporary name and renamed when
@@ -39,12 +39,11 @@ import fnmatch
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ __all__ = [
     "ShardCache",
     "ShardFetcher",
     "cache_root",
-    "fetch_shards",
     "filesystem",
     "is_url",
     "parse_storage_options",
@@ -620,20 +618,12 @@ class ShardCache:
         end = min(end, remote.size)
         return fs.cat_file(remote.path, start=start, end=end) if start < end else b""
 
-    def fetch(
-        self,
-        url: str,
-        on_ready: Callable[[int, Path], None] | None = None,
-        *,
-        evict: bool = True,
-    ) -> list[Path]:
+    def fetch(self, url: str) -> list[Path]:
         """The local `.rec` paths of every shard ``url`` names, fetching what is missing
-        or stale, ``parallel`` shards at a time in shard order; ``on_ready(i, path)`` is
-        called as each shard becomes local. Then, if ``evict``, evicts down to
+        or stale, ``parallel`` shards at a time in shard order; then evicts down to
         ``cache_limit`` (see :meth:`fetch_all` for several URLs)."""
-        out = self._fetch(url, on_ready)
-        if evict:
-            self.evict(out)
+        out = self._fetch(url)
+        self.evict(out)
         return out
 
     def fetch_all(self, urls: Sequence[str]) -> list[list[Path]]:
@@ -642,16 +632,11 @@ class ShardCache:
         self.evict([rec for recs in out for rec in recs])
         return out
 
-    def _fetch(self, url: str, on_ready: Callable[[int, Path], None] | None = None) -> list[Path]:
+    def _fetch(self, url: str) -> list[Path]:
         shards = self.resolve(url)
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="gpurec-fetch") as pool:
             futures = [pool.submit(self.fetch_shard, files) for files in shards]
-            out = []
-            for i, future in enumerate(futures):
-                out.append(future.result())
-                if on_ready is not None:
-                    on_ready(i, out[-1])
-        return out
+            return [future.result() for future in futures]
 
     # ------------------------------------------------------------------ eviction
     def entries(self) -> list[tuple[float, int, Path]]:
@@ -697,9 +682,6 @@ class ShardCache:
             total -= size
             removed.append(rec)
         return removed
-
-    def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class ShardFetcher:
@@ -903,23 +885,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def fetch_shards(
-    url: str | Sequence[str],
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    cache_limit: int | None = None,
-    storage_options: dict | None = None,
-) -> list[Path]:
-    """The local `.rec` paths of the shards at ``url`` (or at each of several URLs, in
-    order), fetched into the cache as needed (see :class:`ShardCache`); the cache is
-    trimmed to ``cache_limit`` once all are local, never evicting any of them. This is
-    what ``gpurec info`` and ``verify`` use; ``gpurec.Pipeline("s3://...")`` does not
-    wait for every shard (:func:`gpurec.dataset.open_source`)."""
-    urls = [url] if isinstance(url, str) else list(url)
-    cache = ShardCache(cache_dir, cache_limit, storage_options)
-    return [rec for recs in cache.fetch_all(urls) for rec in recs]
 
 
 # Shards this process has fetched: a shared flock on each one's ``.use`` file, held until

@@ -402,8 +402,8 @@ def test_an_interrupted_fetch_leaves_no_shard_under_its_final_name(s3, tmp_path:
     s3.put_object(Bucket=BUCKET, Key="big/ds.rec", Body=big)
     cache_dir = tmp_path / "cache"
     code = (
-        "import sys; from gpurec.storage import fetch_shards; "
-        "fetch_shards(sys.argv[1], cache_dir=sys.argv[2])"
+        "import sys; from gpurec.dataset import resolve_source; "
+        "resolve_source(sys.argv[1], cache_dir=sys.argv[2])"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, f"s3://{BUCKET}/big/ds", str(cache_dir)])
     deadline = time.monotonic() + 60
