@@ -27,7 +27,7 @@ sample ``i`` (IRHeader + payload), which is all the backends need.
 
 A source at a URL (:func:`open_source`) is opened before its `.rec` files are local: its
 `.idx` files are fetched into the shard cache and the `.rec` files are fetched in the
-background (:class:`gpurec.storage.ShardFetcher`), a read waiting for its shard. Without
+background (:class:`gpurec.cache.ShardFetcher`), a read waiting for its shard. Without
 the bytes, such a shard's samples are its `.idx` records (InsightFace's declared keys when
 its key-0 record, read by one ranged read, says so); no record is taken for header-only
 and only the offsets' bounds are checked. When the shard arrives it is opened as a local
@@ -74,7 +74,7 @@ from gpurec.recordio import (
 )
 
 if TYPE_CHECKING:
-    from gpurec.storage import ShardFetcher
+    from gpurec.cache import ShardFetcher
 
 __all__ = ["Dataset", "Shard", "index_cache_dir", "open_shard", "open_source", "resolve_source"]
 
@@ -108,7 +108,7 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **re
     """The `.rec` files a source names: a path, a prefix (``PREFIX.rec`` or all of
     ``PREFIX-KKKKK-of-NNNNN.rec``), a glob, or a list of any of these, in order.
     A URL (``s3://bucket/ds_train``) names shards in object storage: they are fetched
-    into the local shard cache (:meth:`gpurec.storage.ShardCache.fetch_all`; ``remote``:
+    into the local shard cache (:meth:`gpurec.cache.ShardCache.fetch_all`; ``remote``:
     its ``cache_dir``, ``cache_limit``, ``storage_options``) and their local paths returned."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
@@ -116,7 +116,7 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike], **re
     urls = [i for i in items if is_url(i)]
     fetched: dict[str, list[Path]] = {}
     if urls:  # all of them fetched first, then one eviction that keeps every one
-        from gpurec.storage import ShardCache
+        from gpurec.cache import ShardCache
 
         cache = ShardCache(**remote)
         fetched = dict(zip(urls, cache.fetch_all(urls), strict=True))
@@ -628,7 +628,7 @@ def open_source(
     """The :class:`Dataset` of a source (see :func:`resolve_source`), without waiting for
     the `.rec` files of shards at URLs: their `.idx` files and the dataset's
     ``classes.json`` are fetched into the shard cache (``cache_dir``, ``cache_limit``,
-    ``storage_options``: see :class:`gpurec.storage.ShardCache`), the shards already there
+    ``storage_options``: see :class:`gpurec.cache.ShardCache`), the shards already there
     are opened as local files, and the others are fetched when asked for
     (:meth:`Dataset.prefetch`) or read. Shards without an `.idx` are fetched (and scanned)
     now. Local sources open as ``Dataset(resolve_source(source))``."""
@@ -636,7 +636,7 @@ def open_source(
     urls = list(dict.fromkeys(i for i in items if is_url(i)))
     if not urls:
         return Dataset(resolve_source(items), on_error=on_error)
-    from gpurec.storage import ShardCache, ShardFetcher
+    from gpurec.cache import ShardCache, ShardFetcher
 
     cache = ShardCache(cache_dir, cache_limit, storage_options)
     remote = {url: cache.resolve(url) for url in urls}

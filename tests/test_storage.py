@@ -145,7 +145,7 @@ def test_pipeline_reads_s3_through_the_cache_and_a_second_open_fetches_nothing(
     s3, tmp_path: Path
 ) -> None:
     from gpurec import Pipeline
-    from gpurec.storage import ShardCache
+    from gpurec.cache import ShardCache
 
     local = _packed(tmp_path, s3)
     cache_dir = tmp_path / "cache"
@@ -227,7 +227,7 @@ def test_a_url_prefix_beside_stray_copies_and_with_spaces_resolves_to_its_shards
     the shards is passed over, a space is a character like any other, a missing shard
     is named."""
     from gpurec import Pipeline
-    from gpurec.storage import ShardCache
+    from gpurec.cache import ShardCache
 
     root = color_tree(tmp_path / "img", per_class=4)
     from gpurec.pack import pack
@@ -382,7 +382,7 @@ def test_a_remote_shard_cut_short_loads_as_the_local_file_does(
 
 
 def test_a_shard_changed_remotely_is_fetched_again(s3, tmp_path: Path) -> None:
-    from gpurec.storage import ShardCache
+    from gpurec.cache import ShardCache
 
     local = _packed(tmp_path, s3, shards=2)
     cache_dir = tmp_path / "cache"
@@ -413,7 +413,7 @@ def test_an_interrupted_fetch_leaves_no_shard_under_its_final_name(s3, tmp_path:
     proc.wait(timeout=30)
     assert list(cache_dir.rglob("*.part")), "the fetch ended before it could be interrupted"
     assert not list(cache_dir.rglob("ds.rec")) and not list(cache_dir.rglob("*.meta.json"))
-    from gpurec.storage import ShardCache
+    from gpurec.cache import ShardCache
 
     cache = ShardCache(cache_dir)
     (path,) = cache.fetch(f"s3://{BUCKET}/big/ds")
@@ -424,7 +424,7 @@ def test_an_interrupted_fetch_leaves_no_shard_under_its_final_name(s3, tmp_path:
 def test_ranks_share_the_cache_and_lru_eviction_keeps_it_under_the_limit(
     s3, tmp_path: Path
 ) -> None:
-    from gpurec.storage import ShardCache, release_shards
+    from gpurec.cache import ShardCache, release_shards
 
     _packed(tmp_path, s3, shards=3)
     cache_dir = tmp_path / "cache"
@@ -460,7 +460,7 @@ def memory_bucket(tmp_path: Path):
     shards this test fetched are released for eviction."""
     import fsspec
 
-    from gpurec.storage import release_shards
+    from gpurec.cache import release_shards
 
     fs = fsspec.filesystem("memory")
     base = f"/{tmp_path.name}"
@@ -475,8 +475,8 @@ def test_an_evicted_shard_without_idx_leaves_no_cached_scan(memory_bucket, tmp_p
     the cache; evicting the shard removes that too."""
     from helpers import numbered_shards
 
+    from gpurec.cache import ShardCache, release_shards
     from gpurec.dataset import open_source
-    from gpurec.storage import ShardCache, release_shards
 
     fs, base = memory_bucket
     (rec,) = numbered_shards(tmp_path / "src", counts=(6,))
@@ -517,7 +517,7 @@ def test_a_shard_in_use_by_a_process_is_not_evicted_by_another(
 ) -> None:
     from helpers import numbered_shards
 
-    from gpurec.storage import ShardCache
+    from gpurec.cache import ShardCache
 
     fs, base = memory_bucket
     for p in numbered_shards(tmp_path / "a", counts=(7, 5)):
@@ -525,14 +525,14 @@ def test_a_shard_in_use_by_a_process_is_not_evicted_by_another(
     cache_dir = tmp_path / "cache"
     recs = ShardCache(cache_dir).fetch(f"memory://{base}/a/n")  # this process uses them
     code = (
-        "import sys; from gpurec.storage import ShardCache\n"
+        "import sys; from gpurec.cache import ShardCache\n"
         "print(len(ShardCache(sys.argv[1], cache_limit=1).evict()))\n"
     )
     run = [sys.executable, "-c", code, str(cache_dir)]
     res = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "0", res.stderr  # another rank trims the cache: kept
     assert all(r.is_file() for r in recs)
-    from gpurec.storage import release_shards
+    from gpurec.cache import release_shards
 
     release_shards(recs)
     res = subprocess.run(run, capture_output=True, text=True, timeout=120)
@@ -543,7 +543,7 @@ def test_a_shard_in_use_by_a_process_is_not_evicted_by_another(
 def test_a_cached_idx_the_store_no_longer_has_is_removed(memory_bucket, tmp_path: Path) -> None:
     from helpers import write_records
 
-    from gpurec.storage import ShardCache
+    from gpurec.cache import ShardCache
 
     fs, base = memory_bucket
     flat = [np.full((20, 20, 3), i, np.uint8) for i in range(8)]
@@ -698,7 +698,7 @@ def slow_bucket(tmp_path: Path):
     """(URL, local dir) of 3 shards of 8 records on the slowmem filesystem."""
     import fsspec
 
-    from gpurec.storage import release_shards
+    from gpurec.cache import release_shards
 
     _reset_slowmem()
     yield _pack_to_slowmem(tmp_path, 3)
@@ -714,8 +714,8 @@ def _fetch_threads() -> list[threading.Thread]:
 def test_a_transient_fetch_error_is_retried_and_a_failed_fetch_is_tried_again_later(
     slow_bucket, tmp_path: Path, monkeypatch
 ) -> None:
+    from gpurec.cache import ShardFetcher
     from gpurec.dataset import Dataset, open_source
-    from gpurec.storage import ShardFetcher
 
     url, local = slow_bucket
     monkeypatch.setattr(ShardFetcher, "RETRY_DELAYS", (0.01,))  # two tries
@@ -804,7 +804,7 @@ def test_pipeline_close_does_not_wait_for_the_downloads_under_way(tmp_path: Path
     import fsspec
 
     from gpurec import Pipeline
-    from gpurec.storage import release_shards
+    from gpurec.cache import release_shards
 
     url, _ = _pack_to_slowmem(tmp_path, 6)  # more shards than fetched at a time (4)
     SlowMemory.gate, SlowMemory.free = threading.Event(), 4  # shards 5 and 6 never arrive
@@ -825,8 +825,8 @@ def test_pipeline_close_does_not_wait_for_the_downloads_under_way(tmp_path: Path
 
 
 def test_stale_part_files_are_removed_by_the_next_fetch(slow_bucket, tmp_path: Path) -> None:
+    from gpurec.cache import ShardCache
     from gpurec.dataset import open_source
-    from gpurec.storage import ShardCache
 
     url, _ = slow_bucket
     cache = ShardCache(tmp_path / "c")
