@@ -4,10 +4,11 @@
 streams shards as augmented batches. The format itself is :mod:`gpurec.recordio`.
 """
 
-from gpurec.pack import PackOptions, PackSummary
+from gpurec.pack import PackOptions
 from gpurec.pack import pack as pack  # the function; the module stays gpurec.pack in imports
 from gpurec.pipeline import Batch, Pipeline
 from gpurec.recordio import IRHeader, ListEntry, RecordIOError, RecordReader, RecordWriter
+from gpurec.workers import PackSummary
 
 __version__ = "0.1.0"
 

@@ -2,11 +2,11 @@
 
 The driver (the machine running ``gpurec pack``) lists the tree and plans the shards
 exactly as a local pack does; each shard is then one Ray task, which packs it with
-:func:`gpurec.pack.write_shards` on one core and leaves its files under a temporary
+:func:`gpurec.workers.write_shards` on one core and leaves its files under a temporary
 name (in ``<output folder>/.gpurec-ray-<run>/<attempt>/``, on the shared filesystem or
 in the bucket; on a filesystem the driver holds a lock on that folder while it runs,
 and a later pack into the same folder removes those of dead drivers, as
-:class:`gpurec.pack.WorkDir` says). Tasks that fail (a lost node, an error) are retried by Ray
+:class:`gpurec.workers.WorkDir` says). Tasks that fail (a lost node, an error) are retried by Ray
 (``max_retries``); every attempt writes under its own name, so a half-finished attempt
 never meets a finished one. The driver moves each finished shard to its final names
 itself, once (stale `.idx` first out, `.rec`, then `.idx`, then `.lst`), shows one
@@ -71,8 +71,9 @@ def _pack_one(
 ) -> dict[str, Any]:
     """One shard, in a Ray task: written under ``temp/<attempt>/name.*``; returns what
     the driver needs (the attempt's folder, counts, skipped images)."""
-    from gpurec.pack import PackOptions, ShardJob, write_shards
+    from gpurec.pack import PackOptions
     from gpurec.storage import filesystem, is_url, staging_dir
+    from gpurec.workers import ShardJob, write_shards
 
     options = PackOptions.from_dict(opts)
     tag = uuid.uuid4().hex
@@ -132,7 +133,7 @@ def ray_write_shards(source, jobs, opts, *, outputs, progress=None, max_retries:
     docstring. ``outputs``: the pack's output place (local folder or URL)."""
     from dataclasses import asdict
 
-    from gpurec.pack import PackSummary
+    from gpurec.workers import PackSummary
 
     ray = _ray()
     if not ray.is_initialized():
@@ -148,7 +149,7 @@ def ray_write_shards(source, jobs, opts, *, outputs, progress=None, max_retries:
     if outputs.url is not None:
         temp = f"{final_dir}/.gpurec-ray-{uuid.uuid4().hex[:12]}"
     else:  # held by a lock while this driver lives; those of dead drivers are removed
-        from gpurec.pack import WorkDir
+        from gpurec.workers import WorkDir
 
         workdir = WorkDir(Path(final_dir), ".gpurec-ray-")
         temp = str(workdir.path)

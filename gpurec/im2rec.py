@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpurec.listing import Listing, RootRule, im2rec_chunks, list_images
-from gpurec.pack import PackSummary, pack_lists
+from gpurec.pack import pack_lists
 from gpurec.recordio import write_lst
 from gpurec.transcode import EncodeSpec
+from gpurec.workers import PackSummary
 
 
 def build_parser(prog: str = "gpurec im2rec") -> argparse.ArgumentParser:

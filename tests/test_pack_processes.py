@@ -46,8 +46,8 @@ def test_processes_threads_and_one_worker_write_the_same_bytes(tmp_path: Path) -
 
 def test_write_shards_gives_the_same_bytes_whatever_the_batch_size(tmp_path: Path) -> None:
     from gpurec.listing import list_images
-    from gpurec.pack import ShardJob, write_shards
     from gpurec.transcode import EncodeSpec
+    from gpurec.workers import ShardJob, write_shards
 
     root = color_tree(tmp_path / "img", per_class=7)
     entries = list_images(root).entries
@@ -157,7 +157,7 @@ def test_only_stale_work_folders_are_removed(tmp_path: Path) -> None:
     import fcntl
     import socket
 
-    from gpurec.pack import STALE_AFTER, WorkDir, sweep_work_dirs
+    from gpurec.workers import STALE_AFTER, WorkDir, sweep_work_dirs
 
     out = tmp_path / "out"
     me = socket.gethostname()
@@ -210,7 +210,7 @@ def test_concurrent_writers_of_one_manifest_never_collide(tmp_path: Path) -> Non
 
 
 def _umask() -> int:
-    from gpurec.pack import _UMASK
+    from gpurec.recordio import _UMASK
 
     return _UMASK
 
