@@ -535,7 +535,7 @@ def test_padded_or_resized_warps_run_mxnets_steps(photos, kw):
 def test_the_steps_run_where_the_dali_backend_runs_them():
     """The CPU backend's condition for MXNet's steps is the DALI backend's (so both
     resample alike); the seed recipe (no pad, a data-shape window) keeps the one warp."""
-    from gpurec.backends import cpu, dali
+    from gpurec.backends import cpu, dali_graph
 
     shape = (3, 32, 32)
     seed = AugmentSpec(data_shape=shape, crop="random", resize=60, rand_mirror=True,
@@ -548,7 +548,7 @@ def test_the_steps_run_where_the_dali_backend_runs_them():
                     if sizes and crop == "random_resized":
                         continue
                     spec = AugmentSpec(data_shape=shape, crop=crop, pad=pad, **affine, **sizes)
-                    assert cpu._staged(spec) == dali._staged(spec), spec
+                    assert cpu._staged(spec) == dali_graph._staged(spec), spec
 
 
 def test_a_padded_warped_canvas_enlarged_to_the_crop_is_filled_where_mxnet_pads(photos):

@@ -23,7 +23,7 @@ pytest.importorskip("nvidia.dali")
 
 import gpurec
 from gpurec.augment import AugmentSpec
-from gpurec.backends import dali as dali_backend
+from gpurec.backends import dali_graph
 from gpurec.draws import colour, draw, geometry
 
 SHAPE = (3, 40, 48)
@@ -356,7 +356,7 @@ def test_hls_jitter_matches_opencv():
     def hls():
         x = fn.external_source(name="x", dtype=types.UINT8, ndim=3, layout="HWC")
         o = fn.external_source(name="o", dtype=types.FLOAT, ndim=1)
-        return dali_backend._hls_jitter(fn, types, x, o)
+        return dali_graph._hls_jitter(fn, types, x, o)
 
     pipe = hls()
     pipe.build()
@@ -386,24 +386,24 @@ def test_roi_decoding_equals_whole_image(shard):
                 for im in images]  # fmt: skip
     sizes = np.array([(im.shape[1], im.shape[0]) for im in images])
     d = draw(spec, (1, 2, 3), len(images))
-    sliced = dali_backend.parameters(spec, d, sizes)
+    sliced = dali_graph.parameters(spec, d, sizes)
     whole = dict(sliced)
-    offset = sliced[dali_backend.SLICE_START].astype(np.float32)
-    whole[dali_backend.ROI_START] = sliced[dali_backend.ROI_START] + offset
-    whole[dali_backend.ROI_END] = sliced[dali_backend.ROI_END] + offset
-    whole[dali_backend.SLICE_START] = np.zeros_like(sliced[dali_backend.SLICE_START])
-    whole[dali_backend.SLICE_SHAPE] = sizes[:, ::-1].astype(np.int32)
-    assert (sliced[dali_backend.SLICE_SHAPE] < whole[dali_backend.SLICE_SHAPE]).any()
+    offset = sliced[dali_graph.SLICE_START].astype(np.float32)
+    whole[dali_graph.ROI_START] = sliced[dali_graph.ROI_START] + offset
+    whole[dali_graph.ROI_END] = sliced[dali_graph.ROI_END] + offset
+    whole[dali_graph.SLICE_START] = np.zeros_like(sliced[dali_graph.SLICE_START])
+    whole[dali_graph.SLICE_SHAPE] = sizes[:, ::-1].astype(np.int32)
+    assert (sliced[dali_graph.SLICE_SHAPE] < whole[dali_graph.SLICE_SHAPE]).any()
 
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
     def pipe_def():
-        return dali_backend.graph(fn, types, spec, device="cpu")
+        return dali_graph.graph(fn, types, spec, device="cpu")
 
     outs = []
     for params in (sliced, whole):
         pipe = pipe_def()
         pipe.build()
-        pipe.feed_input(dali_backend.INPUT, payloads)
+        pipe.feed_input(dali_graph.INPUT, payloads)
         for name, values in params.items():
             pipe.feed_input(name, values)
         outs.append(pipe.run()[0].as_array())

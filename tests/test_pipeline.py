@@ -14,7 +14,7 @@ import pytest
 from helpers import color_tree, coordinate_image, label_from_pixels, numbered_shards, write_records
 
 from gpurec import Pipeline
-from gpurec.backends import dali as dali_backend
+from gpurec.backends import dali_graph
 from gpurec.pack import pack
 from gpurec.recordio import IRHeader, RecordIOError, RecordWriter, read_idx
 from gpurec.recordio import pack as pack_record
@@ -534,7 +534,7 @@ def test_from_config_with_overrides_and_unknown_keys(colors, tmp_path) -> None:
 
 def test_gpu_graph_differs_from_cpu_graph_only_in_the_decoder_device() -> None:
     """The GPU graph cannot be built here; what the device changes must be one string."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(dali_backend.graph)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(dali_graph.graph)))
     reads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "device"]
     assert len(reads) == 1  # only the decoder switch reads the device
     switch = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign)
