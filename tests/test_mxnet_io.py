@@ -21,13 +21,12 @@ from helpers import write_records
 
 import gpurec.mxnet as mx
 from gpurec.mxnet.io import (
-    MXNET_DEFAULTS,
     DataDesc,
     ImageRecordIter,
     read_ndarray_file,
-    translate,
     write_ndarray_file,
 )
+from gpurec.mxnet.keywords import MXNET_DEFAULTS, translate
 
 REF = Path(__file__).parent / "data" / "mxnet_iter"
 ITER_JSON = json.loads((REF / "iter.json").read_text())

@@ -33,7 +33,7 @@ from mxnet_geometry import (
 )
 
 import gpurec.mxnet as mx
-from gpurec.mxnet.io import BACKEND_ENV
+from gpurec.mxnet.keywords import BACKEND_ENV
 
 DATA = Path(__file__).parent / "data" / "mxnet_iter"
 BASE = dict(preprocess_threads=1, shuffle=False, verbose=False)

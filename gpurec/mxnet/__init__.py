@@ -11,7 +11,7 @@ Importing this package loads NumPy and OpenCV, never DALI, CuPy or PyTorch.
 """
 
 from gpurec.mxnet import image, io, recordio
-from gpurec.mxnet.io import Context, cpu, gpu
+from gpurec.mxnet.context import Context, cpu, gpu
 
 img = image  # MXNet's own alias: ``mx.img.imdecode`` is ``mx.image.imdecode``
 
