@@ -152,41 +152,9 @@ def _backend(ctx: Any, device_id: int) -> tuple[str, str, int, str]:
     return "cpu", env, 0, ""
 
 
-def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """MXNet's keywords (defaults filled in) as gpurec's: ``{"pipeline": Pipeline
-    keywords (with ``source``), "spec": AugmentSpec keywords, "iter": what the iterator
-    keeps}``. Raises ``TypeError`` for an unknown keyword and ``ValueError`` naming the
-    keyword for a value that cannot be honoured."""
-    unknown = sorted(set(kwargs) - set(MXNET_DEFAULTS))
-    if unknown:
-        raise TypeError(f"ImageRecordIter got unknown keyword(s): {', '.join(unknown)} "
-                        "(MXNet 1.9.1 has no such keyword)")  # fmt: skip
-    kw = {**MXNET_DEFAULTS, **kwargs}
-    for name in REQUIRED:
-        if kw[name] in (None, ""):
-            raise ValueError(f"ImageRecordIter: {name} is required")
-    if kw["aug_seq"] != "aug_default":
-        raise ValueError(f"ImageRecordIter: aug_seq={kw['aug_seq']!r} is not supported: "
-                         "only MXNet's default augmenter, 'aug_default'")  # fmt: skip
-    shape = _shape(kw["data_shape"])
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"ImageRecordIter: data_shape must be 3 positive numbers "
-                         f"(channels, height, width), got {kw['data_shape']!r}")  # fmt: skip
-    if shape[0] != 3:
-        raise ValueError(f"ImageRecordIter: data_shape {shape} has {shape[0]} channel(s); "
-                         "gpurec makes 3-channel (RGB) images only")  # fmt: skip
-    batch_size = _positive(kw, "batch_size")
-    label_width = _positive(kw, "label_width")
-    dtype = _optional(kw, "dtype")
-    dtype = "float32" if dtype is None else str(np.dtype(dtype).name if not isinstance(
-        dtype, str) else dtype)  # fmt: skip
-    if dtype not in DTYPES:
-        raise ValueError(f"ImageRecordIter: dtype={kw['dtype']!r} is not supported "
-                         "(MXNet's: None, 'float32', 'uint8', 'int8')")  # fmt: skip
-
-    spec: dict[str, Any] = {"data_shape": shape, "dtype": dtype, "layout": "NCHW"}
-    random: list[str] = []  # the random augmentations asked for: they make train=True
-
+def _geometry(kw: dict[str, Any], spec: dict[str, Any], random: list[str]) -> None:
+    """Resize, crop, scale, aspect, rotation, shear, padding and interpolation: MXNet's
+    keywords into ``spec``, the random ones named in ``random``."""
     resize = _number(kw, "resize", int)
     if resize != -1 and resize < 1:
         raise ValueError(f"ImageRecordIter: resize must be -1 (keep the size) or >= 1, "
@@ -261,6 +229,9 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     if inter == 10:
         random.append("inter_method=10")
 
+
+def _colour(kw: dict[str, Any], spec: dict[str, Any], random: list[str]) -> None:
+    """Brightness, contrast, saturation, PCA noise, HSL jitter and mirroring."""
     for name in ("brightness", "contrast", "saturation", "pca_noise"):
         spec[name] = _number(kw, name)
         if spec[name] > 0:
@@ -276,6 +247,10 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
     if rand_mirror:
         random.append("rand_mirror")
 
+
+def _normaliser(kw: dict[str, Any], spec: dict[str, Any], random: list[str], dtype: str) -> str:
+    """Means, standard deviations, scale and the random contrast and illumination, as
+    far as ``dtype`` keeps them; returns the ``mean_img`` path ("" for none)."""
     # The normaliser: MXNet applies none of it to uint8, only the rounded mean to int8.
     normalising = {name: kw[name] for name in _NORMALISING
                    if _number(kw, name) != float(MXNET_DEFAULTS[name])}  # fmt: skip
@@ -305,19 +280,25 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
                 random.append(name)
     if dtype != "uint8":
         spec["mean"] = (_number(kw, "mean_r"), _number(kw, "mean_g"), _number(kw, "mean_b"))
-    if inter == 0 and (max_angle or spec["max_shear_ratio"] or rotate > 0
-                       or scales != (1.0, 1.0) or (not rrc and aspect != (1.0, 1.0))
-                       or spec["max_img_size"] != 1e10 or spec["min_img_size"] != 0):  # fmt: skip
+    return mean_img
+
+
+def _refuse_nearest(spec: dict[str, Any]) -> None:
+    """MXNet's rotate/shear/scale/aspect step refuses nearest-neighbour interpolation."""
+    scales = (spec.get("min_random_scale", 1.0), spec.get("max_random_scale", 1.0))
+    stretch = (spec.get("min_stretch", 1.0), spec.get("max_stretch", 1.0))
+    if spec["interp"] == "nearest" and (
+        spec["max_rotate_angle"] or spec["max_shear_ratio"] or spec["rotate"] is not None
+        or scales != (1.0, 1.0) or stretch != (1.0, 1.0)
+        or spec["max_img_size"] != 1e10 or spec["min_img_size"] != 0
+    ):  # fmt: skip
         raise ValueError("ImageRecordIter: inter_method=0 (nearest) is refused by MXNet's "
                          "rotate/shear/scale/aspect step; use 1-4, 9 or 10")  # fmt: skip
-    spec["train"] = bool(random)
 
-    num_parts, part_index = _number(kw, "num_parts", int), _number(kw, "part_index", int)
-    if num_parts < 1 or not 0 <= part_index < num_parts:
-        raise ValueError(f"ImageRecordIter: part_index must be in 0..num_parts-1, got "
-                         f"part_index={part_index}, num_parts={num_parts}")  # fmt: skip
-    threads = _positive(kw, "preprocess_threads")
-    prefetch = _positive(kw, "prefetch_buffer")
+
+def _paths(kw: dict[str, Any]) -> Path | str:
+    """``path_imgrec`` (a file or a URL), checked with its ``path_imgidx``: gpurec reads
+    the `.idx` beside the `.rec`."""
     rec: Path | str = os.fspath(kw["path_imgrec"])
     if is_url(rec):  # object storage: fetched into gpurec's shard cache, its .idx with it
         idx_url = os.fspath(kw["path_imgidx"] or "")
@@ -338,6 +319,57 @@ def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
                 f"ImageRecordIter: path_imgidx {idx} is not {beside}: gpurec "
                 "reads the .idx beside the .rec (rename or link it there)"
             )
+    return rec
+
+
+def translate(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """MXNet's keywords (defaults filled in) as gpurec's: ``{"pipeline": Pipeline
+    keywords (with ``source``), "spec": AugmentSpec keywords, "iter": what the iterator
+    keeps}``. Raises ``TypeError`` for an unknown keyword and ``ValueError`` naming the
+    keyword for a value that cannot be honoured."""
+    unknown = sorted(set(kwargs) - set(MXNET_DEFAULTS))
+    if unknown:
+        raise TypeError(f"ImageRecordIter got unknown keyword(s): {', '.join(unknown)} "
+                        "(MXNet 1.9.1 has no such keyword)")  # fmt: skip
+    kw = {**MXNET_DEFAULTS, **kwargs}
+    for name in REQUIRED:
+        if kw[name] in (None, ""):
+            raise ValueError(f"ImageRecordIter: {name} is required")
+    if kw["aug_seq"] != "aug_default":
+        raise ValueError(f"ImageRecordIter: aug_seq={kw['aug_seq']!r} is not supported: "
+                         "only MXNet's default augmenter, 'aug_default'")  # fmt: skip
+    shape = _shape(kw["data_shape"])
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"ImageRecordIter: data_shape must be 3 positive numbers "
+                         f"(channels, height, width), got {kw['data_shape']!r}")  # fmt: skip
+    if shape[0] != 3:
+        raise ValueError(f"ImageRecordIter: data_shape {shape} has {shape[0]} channel(s); "
+                         "gpurec makes 3-channel (RGB) images only")  # fmt: skip
+    batch_size = _positive(kw, "batch_size")
+    label_width = _positive(kw, "label_width")
+    dtype = _optional(kw, "dtype")
+    dtype = "float32" if dtype is None else str(np.dtype(dtype).name if not isinstance(
+        dtype, str) else dtype)  # fmt: skip
+    if dtype not in DTYPES:
+        raise ValueError(f"ImageRecordIter: dtype={kw['dtype']!r} is not supported "
+                         "(MXNet's: None, 'float32', 'uint8', 'int8')")  # fmt: skip
+
+    spec: dict[str, Any] = {"data_shape": shape, "dtype": dtype, "layout": "NCHW"}
+    random: list[str] = []  # the random augmentations asked for: they make train=True
+
+    _geometry(kw, spec, random)
+    _colour(kw, spec, random)
+    mean_img = _normaliser(kw, spec, random, dtype)
+    _refuse_nearest(spec)
+    spec["train"] = bool(random)
+
+    num_parts, part_index = _number(kw, "num_parts", int), _number(kw, "part_index", int)
+    if num_parts < 1 or not 0 <= part_index < num_parts:
+        raise ValueError(f"ImageRecordIter: part_index must be in 0..num_parts-1, got "
+                         f"part_index={part_index}, num_parts={num_parts}")  # fmt: skip
+    threads = _positive(kw, "preprocess_threads")
+    prefetch = _positive(kw, "prefetch_buffer")
+    rec = _paths(kw)
     chunk_shuffle = not kw["path_imgidx"] and _number(kw, "shuffle_chunk_size", int) > 0
     shuffle = _flag(kw, "shuffle")
     seed = _number(kw, "seed", int)
