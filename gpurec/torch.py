@@ -367,6 +367,7 @@ def get_dataloader(
                     device="gpu" if device.type == "cuda" else "cpu", backend="dali",
                     train=True, shuffle=True, seed=2048 if seed is None else seed,
                     shard_id=rank, num_shards=world_size, last_batch="drop",
+                    crop="center", resize=0,  # the 112x112 faces as they are
                     mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), rand_mirror=True,
                     num_threads=2, output="torch", label_dtype="int64",
                 )  # fmt: skip
