@@ -63,6 +63,10 @@ class DatasetInfo:
     labels: dict[str, int]  # label (or class name) -> count; first label for multi-label
     classes: list[str] | None
     sample: dict = field(default_factory=dict)
+    # What arcface-style configs ask for: the classifier's width (the class names' count,
+    # else the largest whole-number label + 1; None for other labels) and the images.
+    num_classes: int | None = None
+    num_image: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -145,6 +149,8 @@ def info(
         label_kind=label_kind,
         labels={name(label): count for label, count in sorted(firsts.items())},
         classes=classes,
+        num_classes=_num_classes(classes, firsts, label_kind),
+        num_image=total,
         sample={
             "records": len(picks),
             "formats": dict(formats),
@@ -152,6 +158,15 @@ def info(
             "height": stats(heights),
         },
     )
+
+
+def _num_classes(classes: list[str] | None, firsts: Counter, label_kind: str) -> int | None:
+    if classes:
+        return len(classes)
+    whole = [label for label in firsts if label >= 0 and float(label).is_integer()]
+    if label_kind != "single" or not whole or len(whole) != len(firsts):
+        return None
+    return int(max(whole)) + 1
 
 
 @dataclass(frozen=True)
