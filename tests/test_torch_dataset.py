@@ -230,3 +230,31 @@ def test_reads_shards_at_a_url(tmp_path, monkeypatch) -> None:
         assert torch.equal(got, want)  # spawned workers open the shards fetched to the cache
     finally:
         server.stop()
+
+
+def test_needs_neither_dali_nor_cupy(face) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['cupy'] = None; sys.modules['nvidia'] = None  # importing them raises\n"
+        "import gpurec, gpurec.torch\n"
+        f"ds = gpurec.torch.RecordDataset({str(face / 'train.rec')!r})\n"
+        "image, label = ds[3]\n"
+        "print(image.size, label, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('cupy', 'nvidia', 'mxnet', 'torchvision') and sys.modules[m] is not None))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(112, 112) 0 []"
+
+
+def test_import_gpurec_loads_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, gpurec; gpurec.Pipeline; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
