@@ -217,7 +217,10 @@ def test_reads_shards_at_a_url(tmp_path, monkeypatch) -> None:
         for path in sorted((tmp_path / "out").iterdir()):
             client.put_object(Bucket="bucket", Key=f"data/{path.name}", Body=path.read_bytes())
         local = RecordDataset(tmp_path / "out" / "ds", image="numpy")
-        remote = RecordDataset("s3://bucket/data/ds", image="numpy", cache_dir=tmp_path / "c")
+        # this server's own endpoint: a new filesystem, not one cached for another server
+        endpoint = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+        remote = RecordDataset("s3://bucket/data/ds", image="numpy", cache_dir=tmp_path / "c",
+                               storage_options=endpoint)  # fmt: skip
         assert len(remote) == len(local) == 9 and len(remote.paths) == 2
         for i in range(len(local)):
             np.testing.assert_array_equal(remote[i][0], local[i][0])
