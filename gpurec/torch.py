@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gpurec.dataset import Dataset, resolve_source
-from gpurec.recordio import RecordIOError, unpack
+from gpurec.recordio import RecordIOError, unpack, unpack_view
 from gpurec.storage import is_url
 
 __all__ = ["RecordDataset", "get_dataloader"]
@@ -159,8 +159,8 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def _decode(self, i: int) -> tuple[np.ndarray, Any]:
         data = self._dataset()
-        try:
-            header, payload = unpack(data.read(i))
+        try:  # the payload as a view of the memory-mapped shard: decoded without a copy
+            header, payload = unpack_view(data.read_view(i))
         except RecordIOError as exc:
             raise data.error(i, exc.reason) from None
         try:
