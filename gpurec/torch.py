@@ -36,30 +36,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from gpurec.dataset import Dataset, resolve_source
 from gpurec.recordio import RecordIOError, unpack, unpack_view
-from gpurec.storage import is_url
 
 __all__ = ["RecordDataset", "get_dataloader"]
 
 # MXNet's training iterator ignores EXIF orientation; so do the Pipeline's backends.
 _COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-
-
-def _local_sources(
-    source: str | os.PathLike | Sequence[str | os.PathLike], remote: dict[str, Any]
-) -> list[Path]:
-    """The `.rec` paths of ``source`` on this machine: shards at URLs are fetched into
-    the shard cache first (a map-style dataset reads any record at any time, so it waits
-    for all of them once, here, rather than in every worker)."""
-    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    paths: list[Path] = []
-    for item in items:
-        if isinstance(item, str) and is_url(item):
-            from gpurec.storage import fetch_shards
-
-            paths += fetch_shards(item, **remote)
-        else:
-            paths += resolve_source(item)
-    return paths
 
 
 class RecordDataset(torch.utils.data.Dataset):
@@ -113,7 +94,10 @@ class RecordDataset(torch.utils.data.Dataset):
         self.image, self.on_error = image, on_error
         remote = dict(cache_dir=cache_dir, cache_limit=cache_limit,
                       storage_options=storage_options)  # fmt: skip
-        self.paths = _local_sources(source, remote)
+        # Shards at URLs are fetched into the shard cache here, all of them: a map-style
+        # dataset reads any record at any time, so it waits for them once rather than
+        # in every worker.
+        self.paths = resolve_source(source, **remote)
         self.skipped = 0
         self._data: Dataset | None = None
         self._length = len(self._dataset())
@@ -236,6 +220,12 @@ def _seed_worker(worker_id: int, num_workers: int, rank: int, seed: int) -> None
     torch.manual_seed(worker_seed)
 
 
+def _face_label(label: int | float | np.ndarray) -> int:
+    """arcface_torch's label: the first of several, as a whole number (``torch.long``
+    truncates as ``int`` does), so that batches collate to int64 ``(N,)``."""
+    return int(label[0]) if np.ndim(label) else int(label)
+
+
 class _FaceTransform:
     """arcface_torch's training transform, by hand: a random horizontal mirror, then a
     float32 CHW tensor normalised to [-1, 1] (``ToTensor`` then ``Normalize(0.5, 0.5)``)."""
@@ -295,13 +285,20 @@ class _PipelineLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with self._on_device():
             for batch in self.pipe:
-                yield batch.data, batch.label
+                label = batch.label
+                if label.ndim > 1:  # several labels per record: the first, as arcface_torch's
+                    label = label[:, 0].contiguous()
+                yield batch.data, label
 
     def __len__(self) -> int:
         return len(self.pipe)
 
     def set_epoch(self, epoch: int) -> None:
         self.pipe.set_epoch(epoch)
+
+    def reset(self) -> None:
+        """``train_v2.py`` calls ``train_loader.reset()`` after each epoch with DALI: the
+        next ``iter()`` reads the next epoch anyway (an epoch left early included)."""
 
 
 def get_dataloader(
@@ -330,15 +327,16 @@ def get_dataloader(
     - ``dali=True``: :class:`gpurec.Pipeline` (DALI, on the GPU when there is one) with
       ``rand_mirror`` and mean = std = 127.5, reading a new permutation of all records
       each epoch from ``seed`` (2048 when None: the ranks must agree on it).
-    - ``dali_aug=True`` (arcface_torch's extra DALI augmentations: random downscale,
-      Gaussian blur, HSV and grey) is refused with a ``ValueError``: gpurec's augmenter
-      follows MXNet's and has no blur; use ``dali_aug=False``.
+    - ``dali_aug=True`` with ``dali=True`` (arcface_torch's extra DALI augmentations:
+      random downscale, Gaussian blur, HSV and grey) is refused with a ``ValueError``:
+      gpurec's augmenter follows MXNet's and has no blur; use ``dali_aug=False``.
+      Without DALI it is ignored, as arcface_torch ignores it.
     - ``root_dir="synthetic"``: arcface_torch's synthetic dataset (one random image).
 
     A folder of images (arcface_torch's ``ImageFolder`` fallback) is refused: pack it
     first (``gpurec pack``).
     """
-    if dali_aug:
+    if dali and dali_aug and root_dir != "synthetic":  # without DALI arcface_torch ignores it
         raise ValueError(
             "get_dataloader(dali_aug=True): arcface_torch's DALI-only augmentations "
             "(random downscale, Gaussian blur, HSV jitter, grey) are not in gpurec's "
@@ -372,7 +370,8 @@ def get_dataloader(
                     num_threads=2, output="torch", label_dtype="int64",
                 )  # fmt: skip
             return _PipelineLoader(pipe, device)
-        train_set = RecordDataset(str(rec), transform=_FaceTransform(), image="numpy")
+        train_set = RecordDataset(str(rec), transform=_FaceTransform(),
+                                  target_transform=_face_label, image="numpy")  # fmt: skip
     sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed or 0
     )

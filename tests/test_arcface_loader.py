@@ -98,6 +98,9 @@ def test_last_batch_is_dropped(face) -> None:
 def test_refusals_and_synthetic(face, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"dali_aug=True.*not in gpurec's augmenter"):
         get_dataloader(str(face), 0, 4, dali=True, dali_aug=True)
+    # without DALI arcface_torch ignores dali_aug (a train_v2.py that passes cfg.seed in
+    # its place runs): so does gpurec
+    assert isinstance(get_dataloader(str(face), 0, 4, dali_aug=True), torch.utils.data.DataLoader)
     with pytest.raises(FileNotFoundError, match=r"train\.rec not found.*gpurec pack"):
         get_dataloader(str(tmp_path), 0, 4)
     images, labels = next(iter(get_dataloader("synthetic", 0, 8, num_workers=0)))
@@ -150,3 +153,34 @@ def test_two_ranks_get_the_same_number_of_batches_and_no_image_twice(face, tmp_p
         assert len(sums) == 12
         # mirroring keeps an image's sum: 12 different images, each read once
         assert len(set(sums)) == 12
+
+
+def test_train_v2_loop_with_dali_resets_between_epochs(face, references) -> None:
+    # train_v2.py: ``for img, labels in train_loader: ...`` then ``train_loader.reset()``
+    loader = get_dataloader(str(face), 0, 4, dali=True, seed=5)
+    epochs = []
+    for _ in range(2):
+        found = [k for images, _ in loader for k, _ in identify(images, references, 3 / 127.5)]
+        loader.reset()
+        epochs.append(found)
+    loader.pipe.close()
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(12))
+    assert epochs[0] != epochs[1]  # a new permutation each epoch
+
+
+@pytest.mark.parametrize("dali", [False, True])
+def test_several_labels_give_the_first_as_int64(tmp_path, dali: bool) -> None:
+    from tests.helpers import write_records
+
+    images = [np.full((112, 112, 3), 10 * k, np.uint8) for k in range(8)]
+    labels = [np.array([k % 3, 100 + k], np.float32) for k in range(8)]
+    write_records(tmp_path / "train.rec", images, labels)
+    loader = get_dataloader(str(tmp_path), 0, 4, dali=dali, num_workers=0)
+    got = {}
+    for batch, labels in loader:
+        assert labels.dtype == torch.int64 and tuple(labels.shape) == (4,)
+        for img, label in zip(batch, labels.tolist(), strict=True):  # grey level 10k
+            got[round((float(img.mean()) + 1) * 127.5 / 10)] = label
+    assert got == {k: k % 3 for k in range(8)}
+    if dali:
+        loader.pipe.close()
