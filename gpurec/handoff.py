@@ -28,7 +28,7 @@ import numpy as np
 OUTPUTS = ("numpy", "cupy", "torch")
 LABEL_DTYPES = ("float32", "int64")
 
-__all__ = ["LABEL_DTYPES", "OUTPUTS", "check_output", "hand_off"]
+__all__ = ["LABEL_DTYPES", "OUTPUTS", "check_output", "hand_off", "int64_labels"]
 
 
 def check_output(output: str | None, device: str) -> str:
@@ -60,7 +60,8 @@ def check_label_dtype(label_dtype: str) -> str:
     return label_dtype
 
 
-def _int64_labels(label: Any, where: str) -> Any:
+def int64_labels(label: Any, where: str) -> Any:
+    """``label`` as int64; NumPy labels that are not whole numbers are refused."""
     if isinstance(label, np.ndarray):
         whole = np.floor(label) == label
         if not whole.all():
@@ -75,7 +76,7 @@ def hand_off(data: Any, label: Any, output: str, label_dtype: str, where: str) -
     """``(data, label)`` as ``output`` arrays, labels as ``label_dtype``; ``where`` names
     the batch in errors."""
     if label_dtype == "int64":
-        label = _int64_labels(label, where)
+        label = int64_labels(label, where)
     if output == "torch":
         import torch
 

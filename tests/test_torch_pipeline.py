@@ -181,3 +181,20 @@ def test_image_record_iter_hands_torch_tensors(golden, imglist: bool) -> None:
     assert n == 3
     plain.close()
     torched.close()
+
+
+def test_image_record_iter_relabelled_int64_labels_without_torch(golden) -> None:
+    # labels from the .lst (path_imglist) follow label_dtype on NumPy output too
+    import gpurec.mxnet as mx
+
+    kw = dict(path_imgrec=str(golden / "resized.rec"), path_imglist=str(golden / "resized.lst"),
+              data_shape=(3, 32, 32), resize=40, batch_size=4, shuffle=False,
+              round_batch=False, ctx=mx.cpu())  # fmt: skip
+    plain = mx.io.ImageRecordIter(**kw)
+    ints = mx.io.ImageRecordIter.with_pipeline_options({"label_dtype": "int64"}, **kw)
+    for want, got in zip(plain, ints, strict=True):
+        label = got.label[0].asnumpy()
+        assert label.dtype == np.int64
+        assert label.tolist() == want.label[0].asnumpy().astype(np.int64).tolist()
+    plain.close()
+    ints.close()

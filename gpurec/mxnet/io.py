@@ -826,12 +826,14 @@ class ImageRecordIter:
             label = batch.label
             if self._labels is not None:
                 label = self._relabel(ids)
+                if self.pipe.label_dtype == "int64":  # as the Pipeline's: checked, then cast
+                    from gpurec.handoff import int64_labels
+
+                    label = int64_labels(label, self._opts["path_imglist"])
                 if self.pipe.output == "torch":  # beside the images, as the Pipeline's
                     import torch
 
-                    label = torch.as_tensor(label, device=batch.data.device).to(
-                        getattr(torch, self.pipe.label_dtype)
-                    )
+                    label = torch.as_tensor(label, device=batch.data.device)
                 elif not isinstance(batch.data, np.ndarray):  # the GPU backend: labels there too
                     import cupy
 
