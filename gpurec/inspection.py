@@ -41,7 +41,9 @@ _SPLIT = re.compile(r"(-\d{5}-of-\d{5})?$")
 
 def find_classes(rec: Path) -> list[str] | None:
     """Class names from the ``<prefix>.classes.json`` that ``gpurec pack`` wrote beside
-    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``)."""
+    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``); else,
+    for packs im2rec made, from the ``.lst`` beside the shard (:func:`classes_from_lst`)."""
+    rec = Path(rec)
     stem = _SPLIT.sub("", rec.stem)
     for candidate in (stem, re.sub(r"_(train|val|test)$", "", stem)):
         path = rec.with_name(candidate + ".classes.json")
@@ -49,7 +51,32 @@ def find_classes(rec: Path) -> list[str] | None:
             classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
             if isinstance(classes, list):
                 return [str(c) for c in classes]
+    for lst in dict.fromkeys((rec.with_suffix(".lst"), rec.with_name(stem + ".lst"))):
+        if lst.is_file():
+            return classes_from_lst(lst)
     return None
+
+
+def classes_from_lst(lst: Path) -> list[str] | None:
+    """The class names of an im2rec `.lst`: im2rec labels the images of folder ``k``
+    (in sorted order) ``k``, so label ``k``'s name is its paths' first folder. None
+    unless that is so throughout: one label per line, every path in a folder, each
+    label one folder and each folder one label, the labels 0..K-1 with none missing."""
+    names: dict[int, str] = {}
+    try:
+        for entry in read_lst(lst):
+            parts = entry.path.replace("\\", "/").split("/")
+            if len(entry.labels) != 1 or len(parts) < 2 or not entry.labels[0].is_integer():
+                return None
+            label, name = int(entry.labels[0]), parts[0]
+            if names.setdefault(label, name) != name:
+                return None
+    except (RecordIOError, OSError, UnicodeDecodeError):
+        return None
+    classes = [names.get(k) for k in range(len(names))]
+    if None in classes or len(set(classes)) != len(classes):
+        return None
+    return classes  # type: ignore[return-value]
 
 
 @dataclass

@@ -44,3 +44,38 @@ def test_without_names_the_largest_label_sets_the_width(tmp_path: Path) -> None:
 def test_labels_that_are_not_class_numbers_have_no_class_count(golden: Path) -> None:
     got = info(golden / "special.rec")  # multi-label records
     assert (got["num_classes"], got["num_image"]) == (None, 6)
+
+
+# ------------------------------------- class names of im2rec packs, from their .lst
+
+
+def test_im2rec_pack_names_its_classes_from_the_lst(golden: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from gpurec.grid import captions
+    from gpurec.inspection import find_classes
+    from gpurec.torch import RecordDataset
+
+    for name in ("resized.rec", "resized.idx", "resized.lst"):  # as MXNet's im2rec wrote them
+        shutil.copy(golden / name, tmp_path / name)
+    rec = tmp_path / "resized.rec"
+    assert find_classes(rec) == ["cat", "dog", "fox"]  # cat/cat_0.jpg has label 0, ...
+    # what `gpurec show` captions a batch with
+    shown = captions(np.array([2.0, 0.0, 1.0], np.float32), find_classes(rec))
+    assert shown == ["fox", "cat", "dog"]
+    got = info(rec)
+    assert got["classes"] == ["cat", "dog", "fox"] and got["num_classes"] == 3
+    assert got["labels"] == {"cat": 4, "dog": 4, "fox": 4}
+    assert RecordDataset(rec).classes == ["cat", "dog", "fox"]
+    lst = (tmp_path / "resized.lst").read_text()
+    for broken in (
+        lst.replace("cat/cat_1.jpg", "dog/cat_1.jpg"),  # one folder under two labels
+        lst.replace("cat/cat_1.jpg", "cat_1.jpg"),  # a path in no folder
+        "".join(line for line in lst.splitlines(True) if "\t1.000000\t" not in line),  # gap
+    ):
+        (tmp_path / "resized.lst").write_text(broken)
+        assert find_classes(rec) is None, broken
+    (tmp_path / "resized.lst").unlink()
+    assert find_classes(rec) is None
