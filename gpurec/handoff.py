@@ -9,7 +9,10 @@ the images:
 - ``"torch"`` on the GPU: ``torch.from_dlpack`` of the CuPy array. DLPack's protocol is
   stream-safe: torch passes its current stream to ``__dlpack__`` and CuPy makes that
   stream wait for the work queued on CuPy's current stream (where the backend copied the
-  batch out of DALI), so a kernel torch launches next sees the finished batch.
+  batch out of DALI), so a kernel torch launches next sees the finished batch. The
+  memory stays CuPy's: once the tensor is dropped, CuPy's pool may hand it to a later
+  batch in the order of CuPy's stream, so a model run on another (non-blocking) torch
+  stream should synchronise it before dropping the tensor (not run on a GPU here).
 
 The tensor keeps the array alive, so a backend that reuses the buffers of batches nobody
 holds any more (both do) does not write into a batch the caller still has.
