@@ -20,7 +20,8 @@ Writes into OUTDIR:
                   makes with MXNet (its exact calls, NumPy in place of torch.zeros):
                   ``data_0``/``data_1`` uint8 (4, 3, 112, 112), ``issame``
   image_ops.npz   ``src`` (uint8 45x60x3) and MXNet's results of the mx.image and mx.nd
-                  calls listed in CALLS below (keys: the call's name)
+                  calls in ``image_ops`` below (keys: the call's name), and the
+                  interp codes its imresize refuses
   gluon.npz       ``gluon.data`` on golden ``resized.rec`` and ``insightface/train.rec``
   README.md       this list
 """
@@ -90,10 +91,17 @@ def image_ops(src: np.ndarray) -> dict[str, np.ndarray]:
     """MXNet's results of the calls the tests repeat with gpurec.mxnet."""
     img = mx.nd.array(src, dtype="uint8")
     out: dict[str, np.ndarray] = {"src": src}
-    for interp in (0, 1, 2, 3, 4):
+    for interp in (0, 1, 2, 3, 4, 5):  # 5: OpenCV's INTER_LINEAR_EXACT, passed through
         out[f"imresize_50x30_interp{interp}"] = mx.image.imresize(img, 50, 30, interp).asnumpy()
         out[f"imresize_90x70_interp{interp}"] = mx.image.imresize(img, 90, 70, interp).asnumpy()
     out["imresize_default"] = mx.image.imresize(img, 33, 21).asnumpy()
+    refused = []  # the interp codes MXNet's imresize fails on (cv::resize refuses them)
+    for interp in (5, 7, 9, 10):
+        try:
+            mx.image.imresize(img, 50, 30, interp).asnumpy()
+        except mx.base.MXNetError:
+            refused.append(interp)
+    out["imresize_refused_interps"] = np.array(refused)
     for interp in (0, 1, 2, 3, 9):
         out[f"resize_short_30_interp{interp}"] = mx.image.resize_short(img, 30, interp).asnumpy()
     out["resize_short_100"] = mx.image.resize_short(img, 100).asnumpy()

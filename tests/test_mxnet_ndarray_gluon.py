@@ -106,7 +106,7 @@ def test_load_bin_gives_mxnets_arrays() -> None:
 
 def test_imresize_and_resize_short(ops) -> None:
     src = mx.nd.array(ops["src"], dtype="uint8")
-    for interp in (0, 1, 2, 3, 4):
+    for interp in (0, 1, 2, 3, 4, 5):
         exact = 0 if interp != 2 else CUBIC
         same(mx.image.imresize(src, 50, 30, interp), ops[f"imresize_50x30_interp{interp}"], exact)
         same(mx.image.imresize(src, 90, 70, interp), ops[f"imresize_90x70_interp{interp}"], exact)
@@ -117,7 +117,9 @@ def test_imresize_and_resize_short(ops) -> None:
     same(mx.image.resize_short(src, 100), ops["resize_short_100"], CUBIC)
     tall = mx.nd.array(ops["src"].transpose(1, 0, 2), dtype="uint8")
     same(mx.image.resize_short(tall, 32), ops["resize_short_tall_32"], CUBIC)
-    for code in (7, 9, 10):  # MXNet's imresize fails on these too (cv::resize refuses them)
+    refused = ops["imresize_refused_interps"].tolist()  # the codes MXNet's imresize fails on
+    assert refused == [7, 9, 10]
+    for code in refused:
         with pytest.raises(ValueError, match=f"Unknown interp method {code}"):
             mx.image.imresize(src, 10, 10, code)
 

@@ -174,14 +174,14 @@ def _get_interp_method(interp: int, sizes: tuple[int, int, int, int] | tuple = (
 def imresize(src: np.ndarray, w: int, h: int, interp: int = 1) -> NDArray:
     """``mx.image.imresize``: ``src`` (HWC) resized to ``w`` x ``h`` by OpenCV.
 
-    ``interp`` is one of OpenCV's codes 0-4: MXNet 1.9.1's imresize hands it to
-    ``cv::resize`` as it is and fails on any other (9 and 10 included; only the
+    MXNet 1.9.1's imresize hands ``interp`` to ``cv::resize`` as it is: OpenCV's codes
+    0-5 (5: ``INTER_LINEAR_EXACT``) work, any other fails, 9 and 10 included (only the
     functions that call it, ``resize_short`` and the crops, choose for those)."""
     import cv2
 
     img = np.asarray(src)
-    if interp not in (0, 1, 2, 3, 4):
-        raise ValueError(f"Unknown interp method {interp}: imresize takes OpenCV's 0-4, as "
+    if interp not in (0, 1, 2, 3, 4, 5):
+        raise ValueError(f"Unknown interp method {interp}: imresize takes OpenCV's 0-5, as "
                          "MXNet's (9 and 10 are for resize_short and the crops)")  # fmt: skip
     code = int(interp)
     out = cv2.resize(img, (int(w), int(h)), interpolation=code)
