@@ -5,8 +5,9 @@
     python examples/train_torch.py demo-out/sample_train --classes 3 --device cpu --batch-size 16
 
 The Pipeline reads RANK/WORLD_SIZE itself, so under torchrun every process gets its own
-disjoint part of each epoch and the same number of batches (DDP needs that). Batches
-reach PyTorch through DLPack without a copy (CuPy on the GPU, NumPy on the CPU).
+disjoint part of each epoch and the same number of batches (DDP needs that). With
+``output="torch"`` the batches are torch tensors on the training device, handed over
+without a copy (through DLPack on the GPU), labels int64 for ``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     pipe = gpurec.Pipeline(
         args.source, args.batch_size, (3, args.size, args.size),
         device=args.device, mean=MEAN, std=STD, rand_mirror=True, seed=args.seed,
+        output="torch", label_dtype="int64",
     )  # fmt: skip
     model = small_cnn(args.classes).to(device)
     if world > 1:
@@ -78,11 +80,10 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     for epoch in range(args.epochs):
+        pipe.set_epoch(epoch)  # as with a DistributedSampler (iterating alone does the same)
         model.train()
         start, seen, total = time.perf_counter(), 0, 0.0
-        for step, batch in enumerate(pipe):
-            images = torch.from_dlpack(batch.data)  # no copy: DLPack from CuPy or NumPy
-            labels = torch.from_dlpack(batch.label).long()
+        for step, (images, labels) in enumerate(pipe):
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from gpurec.dataset import Dataset, resolve_source
-from gpurec.naming import classes_candidates
+from gpurec.naming import classes_candidates, dataset_stem
 from gpurec.recordio import (
     IR_SIZE,
     RecordIOError,
@@ -40,14 +40,43 @@ Progress = Callable[[int], None]
 
 def find_classes(rec: Path) -> list[str] | None:
     """Class names from the ``<prefix>.classes.json`` that ``gpurec pack`` wrote beside
-    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``)."""
+    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``); else,
+    for packs im2rec made, from the ``.lst`` beside the shard (:func:`classes_from_lst`)."""
+    rec = Path(rec)
     for candidate in classes_candidates(rec.name):
         path = rec.with_name(candidate)
         if path.is_file():
             classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
             if isinstance(classes, list):
                 return [str(c) for c in classes]
+    for lst in dict.fromkeys(
+        (rec.with_suffix(".lst"), rec.with_name(dataset_stem(rec.name) + ".lst"))
+    ):
+        if lst.is_file():
+            return classes_from_lst(lst)
     return None
+
+
+def classes_from_lst(lst: Path) -> list[str] | None:
+    """The class names of an im2rec `.lst`: im2rec labels the images of folder ``k``
+    (in sorted order) ``k``, so label ``k``'s name is its paths' first folder. None
+    unless that is so throughout: one label per line, every path in a folder, each
+    label one folder and each folder one label, the labels 0..K-1 with none missing."""
+    names: dict[int, str] = {}
+    try:
+        for entry in read_lst(lst):
+            parts = entry.path.replace("\\", "/").split("/")
+            if len(entry.labels) != 1 or len(parts) < 2 or not entry.labels[0].is_integer():
+                return None
+            label, name = int(entry.labels[0]), parts[0]
+            if names.setdefault(label, name) != name:
+                return None
+    except (RecordIOError, OSError, UnicodeDecodeError):
+        return None
+    classes = [names.get(k) for k in range(len(names))]
+    if None in classes or len(set(classes)) != len(classes):
+        return None
+    return classes  # type: ignore[return-value]
 
 
 @dataclass
@@ -61,6 +90,10 @@ class DatasetInfo:
     labels: dict[str, int]  # label (or class name) -> count; first label for multi-label
     classes: list[str] | None
     sample: dict = field(default_factory=dict)
+    # What arcface-style configs ask for: the classifier's width (the class names' count,
+    # else the largest whole-number label + 1; None for other labels) and the images.
+    num_classes: int | None = None
+    num_image: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -143,6 +176,8 @@ def info(
         label_kind=label_kind,
         labels={name(label): count for label, count in sorted(firsts.items())},
         classes=classes,
+        num_classes=_num_classes(classes, firsts, label_kind),
+        num_image=total,
         sample={
             "records": len(picks),
             "formats": dict(formats),
@@ -150,6 +185,15 @@ def info(
             "height": stats(heights),
         },
     )
+
+
+def _num_classes(classes: list[str] | None, firsts: Counter, label_kind: str) -> int | None:
+    if classes:
+        return len(classes)
+    whole = [label for label in firsts if label >= 0 and float(label).is_integer()]
+    if label_kind != "single" or not whole or len(whole) != len(firsts):
+        return None
+    return int(max(whole)) + 1
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 This module owns what is the same on every backend: resolving the source, the epoch
 and rank arithmetic (which records each rank sees, how many batches, how the last one
 is padded), checkpoints, and the hand-off of arrays to the caller (NumPy for
-``device="cpu"``, CuPy on the current GPU for ``device="gpu"``). The backends only turn
+``device="cpu"``, CuPy on the current GPU for ``device="gpu"``, or torch tensors on
+either with ``output="torch"``: :mod:`gpurec.handoff`). The backends only turn
 a batch's records into pixels: :mod:`gpurec.backends.dali` (NVIDIA DALI, on the GPU or
 in its CPU mode) and :mod:`gpurec.backends.cpu` (OpenCV and NumPy).
 
@@ -34,6 +35,7 @@ import numpy as np
 from gpurec.augment import AugmentSpec
 from gpurec.dataset import open_source
 from gpurec.draws import Draws, draw
+from gpurec.handoff import check_label_dtype, check_output, hand_off
 from gpurec.order import LAST_BATCH, Plan, Segment, batches_for, plan, rank_range
 from gpurec.recordio import RecordIOError, label_count
 
@@ -58,6 +60,20 @@ class Batch:
     def __iter__(self):  # ``data, label = batch``
         yield self.data
         yield self.label
+
+    def __len__(self) -> int:  # a (data, label) pair, as DataLoader's batches are
+        return 2
+
+    def __getitem__(self, k: int) -> Any:  # ``batch[0]``, ``batch[1]``
+        return (self.data, self.label)[k]
+
+    def __setitem__(self, k: int, value: Any) -> None:  # ``batch[k] = batch[k].to(dev)``
+        if k in (0, -2):
+            self.data = value
+        elif k in (1, -1):
+            self.label = value
+        else:
+            raise IndexError(f"a batch is (data, label): no item {k}")
 
 
 def _env_int(name: str) -> int | None:
@@ -91,6 +107,11 @@ class Pipeline:
     ``pipe.skipped`` (once per read: copies of it that pad a last batch are not counted);
     ``"raise"`` stops with the shard, record and byte offset. ``prefetch``: batches read
     and decoded ahead of the caller.
+    ``output``: ``"numpy"`` (``device="cpu"``), ``"cupy"`` (``device="gpu"``) or
+    ``"torch"`` (tensors on that device, zero-copy and stream-ordered through DLPack;
+    see :mod:`gpurec.handoff`); the default follows ``device``. ``label_dtype``:
+    ``"float32"`` (the records' labels as stored) or ``"int64"`` (what
+    ``CrossEntropyLoss`` takes).
     """
 
     def __init__(
@@ -114,6 +135,8 @@ class Pipeline:
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
         storage_options: dict | None = None,
+        output: str | None = None,
+        label_dtype: str = "float32",
         **augment: Any,
     ) -> None:
         unknown = sorted(set(augment) - AugmentSpec.names())
@@ -132,6 +155,8 @@ class Pipeline:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.output = check_output(output, device)
+        self.label_dtype = check_label_dtype(label_dtype)
         num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
         shard_id = shard_id if shard_id is not None else _env_int("RANK") or 0
         if num_shards < 1 or not 0 <= shard_id < num_shards:
@@ -308,8 +333,28 @@ class Pipeline:
                 self.epoch, self._next_batch, self._segments = plan.epoch + 1, 0, ()
             else:
                 self.epoch, self._next_batch, self._segments = plan.epoch, b + 1, plan.segments
+            if self.output == "torch" or self.label_dtype != "float32":
+                where = f"batch {b} of epoch {plan.epoch} (rank {self.shard_id})"
+                data, label = hand_off(data, label, self.output, self.label_dtype, where)
             yield Batch(data, label, pad, index.copy())
             del data, label  # hold no batch while the backend makes the next
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read ``epoch`` on the next ``iter()``, for loops written for
+        ``DistributedSampler`` (``sampler.set_epoch(e)`` before each epoch).
+
+        Iterating on its own already reads one epoch after the other, so in such a loop
+        this mostly confirms the epoch; called with another epoch it starts that one from
+        its first batch. The epoch of a loaded checkpoint keeps its resume: a loop that
+        starts again at the checkpoint's epoch reads the rest of it, not all of it."""
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if self._resume and epoch == self.epoch:
+            return  # the rest of the checkpoint's epoch
+        if not self._resume and self._next_batch == 0 and epoch == self.epoch:
+            return  # the epoch iter() would start anyway
+        self.epoch, self._next_batch, self._segments, self._resume = epoch, 0, (), False
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -1,15 +1,14 @@
 """insightface's ``MXFaceDataset`` on ``gpurec.mxnet``: one import line changed.
 
 ``MXFaceDataset`` below is ``recognition/arcface_torch/dataset.py`` of deepinsight/insightface
-with ``import mxnet as mx`` replaced by ``import gpurec.mxnet as mx``. Two more changes
-keep it runnable without PyTorch (CI has none): the torchvision transform is left out
-(``self.transform = None``), and without torch the label is an ``np.int64`` instead of a
-``torch.long`` tensor. Its reading code is verbatim.
+with ``import mxnet as mx`` replaced by ``import gpurec.mxnet as mx``. One more change:
+the torchvision transform is left out (``self.transform = None``; torchvision does not
+import beside the CPU build of torch the tests install). Its reading code is verbatim.
 
 It runs on the InsightFace-layout files MXNet 1.9.1 wrote (``../shared/golden/insightface``)
 and must give the keys, labels, payloads and pixels MXNet gave (``expected.json``), in the
 parent process and in worker processes: PyTorch ``DataLoader`` workers (fork and spawn)
-when torch is installed, a ``multiprocessing.Pool`` (fork and spawn) otherwise. The
+and a plain ``multiprocessing.Pool`` (fork and spawn). The
 dataset is made in the parent and inherited (fork) or pickled (spawn), as DataLoader does.
 """
 
@@ -24,16 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 import gpurec.mxnet as mx
-
-try:
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-except ImportError:  # CI: no PyTorch
-    torch = None
-    DataLoader = None
-    Dataset = object
 
 
 class MXFaceDataset(Dataset):
@@ -60,7 +53,7 @@ class MXFaceDataset(Dataset):
         label = header.label
         if not isinstance(label, numbers.Number):
             label = label[0]
-        label = torch.tensor(label, dtype=torch.long) if torch else np.int64(label)
+        label = torch.tensor(label, dtype=torch.long)
         sample = mx.image.imdecode(img).asnumpy()
         if self.transform is not None:
             sample = self.transform(sample)
@@ -154,7 +147,6 @@ def test_multiprocessing_workers_read_what_the_parent_reads(face: Path, method: 
     assert _parent_view(ds) == parent
 
 
-@pytest.mark.skipif(torch is None, reason="no PyTorch (the multiprocessing test covers this)")
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_torch_dataloader_workers(face: Path, want: dict, method: str) -> None:
     ds = MXFaceDataset(str(face), 0)

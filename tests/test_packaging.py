@@ -43,3 +43,12 @@ def test_dockerfile_and_gpu_extras_stay_in_sync() -> None:
             assert (REPO / path).exists(), path
     scripts = project["scripts"]
     assert scripts == {"gpurec": "gpurec.cli:app"}
+
+
+def test_test_extra_pins_the_cpu_build_of_torch() -> None:
+    # A range (or another release) makes `make test` download a multi-GB CUDA build: the
+    # CPU build of exactly this release is the one the CI machines hold.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    torch_reqs = [r for r in project["optional-dependencies"]["test"] if r.startswith("torch")]
+    assert torch_reqs == ["torch==2.13.0"]
+    assert not any(r.startswith("torch") for r in project["dependencies"])

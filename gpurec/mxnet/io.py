@@ -149,6 +149,8 @@ def _nd(array: Any) -> Any:
     """The array with ``asnumpy()``: a view, no copy."""
     if isinstance(array, np.ndarray):
         return array.view(NDArray)
+    if type(array).__module__.startswith("torch"):  # output="torch": tensors as they are
+        return array
     return array.view(_gpu_array_class())  # CuPy, device="gpu"
 
 
@@ -275,9 +277,12 @@ class ImageRecordIter:
     @classmethod
     def with_pipeline_options(cls, options: dict[str, Any], **kwargs: Any) -> ImageRecordIter:
         """MXNet's keywords plus :class:`gpurec.Pipeline` keywords MXNet has no word for
-        (``on_error``, ``cache_dir``, ``cache_limit``, ``storage_options``): ``gpurec
-        show`` reads an ImageRecordIter config with ``on_error="skip"`` this way."""
-        allowed = {"on_error", "cache_dir", "cache_limit", "storage_options"}
+        (``on_error``, ``cache_dir``, ``cache_limit``, ``storage_options``, ``output``,
+        ``label_dtype``): ``gpurec show`` reads an ImageRecordIter config with
+        ``on_error="skip"`` this way, and ``{"output": "torch", "label_dtype": "int64"}``
+        hands ``batch.data[0]``/``batch.label[0]`` to a PyTorch loop as tensors."""
+        allowed = {"on_error", "cache_dir", "cache_limit", "storage_options", "output",
+                   "label_dtype"}  # fmt: skip
         other = sorted(set(options) - allowed)
         if other:
             raise TypeError(f"ImageRecordIter.with_pipeline_options: {', '.join(other)} is "
@@ -455,7 +460,15 @@ class ImageRecordIter:
             label = batch.label
             if self._labels is not None:
                 label = self._relabel(ids)
-                if not isinstance(batch.data, np.ndarray):  # the GPU backend: labels there too
+                if self.pipe.label_dtype == "int64":  # as the Pipeline's: checked, then cast
+                    from gpurec.handoff import int64_labels
+
+                    label = int64_labels(label, self._opts["path_imglist"])
+                if self.pipe.output == "torch":  # beside the images, as the Pipeline's
+                    import torch
+
+                    label = torch.as_tensor(label, device=batch.data.device)
+                elif not isinstance(batch.data, np.ndarray):  # the GPU backend: labels there too
                     import cupy
 
                     label = cupy.asarray(label)
