@@ -41,7 +41,8 @@ _SPLIT = re.compile(r"(-\d{5}-of-\d{5})?$")
 
 def find_classes(rec: Path) -> list[str] | None:
     """Class names from the ``<prefix>.classes.json`` that ``gpurec pack`` wrote beside
-    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``)."""
+    the shard (``out/ds_train-00000-of-00004.rec`` -> ``out/ds.classes.json``), else
+    from the folders of the `.lst` paths beside it (an im2rec pack of class folders)."""
     stem = _SPLIT.sub("", rec.stem)
     for candidate in (stem, re.sub(r"_(train|val|test)$", "", stem)):
         path = rec.with_name(candidate + ".classes.json")
@@ -49,7 +50,29 @@ def find_classes(rec: Path) -> list[str] | None:
             classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
             if isinstance(classes, list):
                 return [str(c) for c in classes]
-    return None
+    return _classes_from_lst(rec.with_suffix(".lst"))
+
+
+def _classes_from_lst(lst: Path) -> list[str] | None:
+    """Class names from the `.lst` beside a shard (im2rec's packs have no classes.json):
+    each label's folder, when the list is of a class-folder tree (every label in one
+    folder, every folder one label, labels 0..K-1 all there); None otherwise."""
+    if not lst.is_file():
+        return None
+    folders: dict[int, str] = {}
+    try:
+        for entry in read_lst(lst, []):
+            label = entry.labels[0] if entry.labels else 0.0
+            folder = entry.path.rpartition("/")[0]
+            if not label.is_integer() or not folder:
+                return None
+            if folders.setdefault(int(label), folder) != folder:
+                return None
+    except (OSError, UnicodeDecodeError, RecordIOError):
+        return None
+    if sorted(folders) != list(range(len(folders))) or len(set(folders.values())) < len(folders):
+        return None
+    return [folders[k] for k in range(len(folders))] or None
 
 
 @dataclass

@@ -1,0 +1,162 @@
+"""Other formats read and written as record streams: image folders, WebDataset tars,
+Hugging Face parquet files and InsightFace verification `.bin` files.
+
+A :class:`Record` is what every format holds for one sample: the image bytes exactly as
+stored (never re-encoded), its label(s), a file name and the IRHeader fields. The
+writers (:mod:`.folder`, :mod:`.webdataset`, :mod:`.parquet`) take records and write one
+output file (or folder of files) each; ``gpurec export`` (:mod:`gpurec.export`) feeds
+them from `.rec` shards. The readers (:class:`.webdataset.TarRoot`,
+:class:`.parquet.ParquetRoot`) are roots that ``gpurec pack`` reads images from, as it
+reads an image folder in object storage (:class:`gpurec.storage.RemoteRoot`).
+
+Each format module imports its third-party library (pyarrow) only when used, so
+``import gpurec`` needs none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpurec.transcode import ImageError, sniff
+
+__all__ = ["FORMATS", "Record", "class_names", "extension", "replace_into", "sample_root"]
+
+FORMATS = ("folder", "webdataset", "parquet")
+
+# sniffed format -> file extension (WebDataset's and Hugging Face's usual keys)
+_EXTENSIONS = {"jpeg": "jpg", "png": "png", "gif": "gif", "webp": "webp", "bmp": "bmp",
+               "tiff": "tiff", "jpeg2000": "jp2"}  # fmt: skip
+_PNM = {ord("1"): "pbm", ord("4"): "pbm", ord("2"): "pgm", ord("5"): "pgm"}
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm",
+              "pnm", "jp2", "j2k")  # fmt: skip
+"""Extensions of the members (WebDataset) or files that hold an image."""
+
+
+@dataclass
+class Record:
+    """One sample in transit: image bytes as stored, label(s), a file name (with the
+    extension of the sniffed format), a key unique in its export, and the IRHeader
+    fields (``flag``, ``id``, ``id2``) with where the record came from."""
+
+    data: bytes | memoryview
+    labels: tuple[float, ...]
+    name: str
+    key: str
+    fields: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> float:
+        """The first label (the class of a multi-label record, as MXNet's readers take it)."""
+        return self.labels[0] if self.labels else 0.0
+
+
+def extension(data: bytes | memoryview) -> str:
+    """The file extension of an image's bytes, from its signature (not from any name);
+    ImageError when the bytes are no image gpurec knows, or a truncated one."""
+    info = sniff(data)
+    if info.format == "pnm":
+        return _PNM.get(data[1], "ppm")
+    if info.format == "jpeg2000" and bytes(data[:4]) == b"\xff\x4f\xff\x51":
+        return "j2k"  # a bare codestream
+    try:
+        return _EXTENSIONS[info.format]
+    except KeyError:  # pragma: no cover - sniff knows no other format
+        raise ImageError(f"no file extension for format {info.format}") from None
+
+
+def class_names(classes: list[str] | None, top: int) -> list[str]:
+    """Names for labels ``0..top``: the dataset's class names where known, else the
+    numbers zero-padded to one width, so that a sorted listing of the names (a folder
+    reader's, ImageFolder's) numbers them as the labels were numbered."""
+    if classes and len(classes) > top:
+        return list(classes)
+    width = len(str(max(top, 0)))
+    known = list(classes or [])
+    return known + [f"{k:0{width}d}" for k in range(len(known), top + 1)]
+
+
+def replace_into(path: Path, write) -> None:
+    """Write ``path`` through a temporary name beside it (``.NAME.tmp``) and rename it
+    into place, so that a reader never sees it half-written; ``write(file)`` writes the
+    content. On any failure the temporary file is removed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def sample_root(root: str, storage_options: dict | None = None):
+    """The root ``gpurec pack`` reads for ``root`` when it names WebDataset tars (a
+    ``.tar``, a glob of them, a folder holding them) or parquet files (a ``.parquet``, a
+    glob, a folder holding them, also under ``data/`` as on the Hugging Face hub); None
+    for anything else (an image folder)."""
+    from gpurec.storage import filesystem
+
+    text = root.rstrip("/")
+    kind = _kind_of_name(text)
+    if kind is None:
+        try:
+            fs, path = filesystem(text, storage_options)
+            if not fs.isdir(path):
+                return None
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        except (OSError, ValueError):
+            return None
+        suffixes = {os.path.splitext(n)[1].lower() for n in names}
+        if ".tar" in suffixes:
+            kind = "webdataset"
+        elif ".parquet" in suffixes or (
+            "data" in names and any(p.endswith(".parquet") for p in _safe_glob(fs, path))
+        ):
+            kind = "parquet"
+    if kind == "webdataset":
+        from gpurec.formats.webdataset import TarRoot
+
+        return TarRoot(text, storage_options)
+    if kind == "parquet":
+        from gpurec.formats.parquet import ParquetRoot
+
+        return ParquetRoot(text, storage_options)
+    return None
+
+
+def _kind_of_name(text: str) -> str | None:
+    lower = text.lower()
+    if lower.endswith(".tar"):
+        return "webdataset"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def _safe_glob(fs, path: str) -> Iterator[str]:
+    try:
+        yield from fs.glob(f"{path}/data/**.parquet")
+    except OSError:
+        return
+
+
+def files_of(root, suffix: str) -> list[str]:
+    """The files of a :class:`gpurec.storage.RemoteRoot`-like ``root`` that end with
+    ``suffix``: the root itself, the matches of a glob, or those in a folder (and in
+    its folders), sorted; FileNotFoundError naming the root when there are none."""
+    fs, base = root.fs, root.path
+    if any(c in root.url for c in "*?["):
+        found = fs.glob(base)
+    elif fs.isfile(base):
+        found = [base]
+    else:
+        found = fs.find(base)
+    found = sorted(p for p in found if p.lower().endswith(suffix))
+    if not found:
+        raise FileNotFoundError(f"no {suffix} files found at {root.url}")
+    return found
