@@ -35,6 +35,7 @@ from pathlib import Path
 
 import cv2
 
+from gpurec.formats import sample_root
 from gpurec.listing import (
     IMAGE_EXTS,
     Listing,
@@ -815,6 +816,8 @@ def unique_indices(entries: Iterable[ListEntry]) -> tuple[list[ListEntry], list[
 
 
 def _listing(root: Path | RemoteRoot, opts: PackOptions) -> Listing:
+    if opts.lst is None and hasattr(root, "list_samples"):  # WebDataset tars, parquet files
+        return root.list_samples()
     if opts.lst is None:
         return list_images(
             root,
@@ -937,6 +940,7 @@ def pack(
         source: Path | RemoteRoot = RemoteRoot(root_text, opts.storage_options)
     else:
         source = Path(local_path(root_text))
+    source = sample_root(root_text, opts.storage_options) or source  # tars, parquet files
     outputs = _Outputs(prefix, opts.storage_options)
     ok = False
     try:
@@ -963,8 +967,9 @@ def pack(
                 on_shard=outputs.shard_done,
             )
         classes = prefix.with_name(prefix.name + ".classes.json")
+        labels_from = getattr(source, "labels_from", None) or _labels_from(opts)  # tars, parquet
         _write_json(  # last: a pack that failed leaves nothing under a final name
-            classes, {"classes": listing.classes, "labels_from": _labels_from(opts)}
+            classes, {"classes": listing.classes, "labels_from": labels_from}
         )
         outputs.manifest(classes, True)
         summary.skipped[:0] = listing.skipped if opts.part == 0 else []

@@ -94,18 +94,93 @@ def replace_into(path: Path, write) -> None:
         raise
 
 
+class LocalFiles:
+    """The few fsspec filesystem calls the readers make, on local files, for a pack of
+    local tars without fsspec installed (fsspec comes with the ``s3``/``gcs`` extras)."""
+
+    protocol = "file"
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def ls(self, path: str, detail: bool = False) -> list[str]:
+        return [os.path.join(path, n) for n in sorted(os.listdir(path))]
+
+    def glob(self, pattern: str) -> list[str]:
+        import glob
+
+        return sorted(glob.glob(pattern, recursive=True))
+
+    def find(self, path: str) -> list[str]:
+        return sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(path)
+
+    def open(self, path: str, mode: str = "rb"):
+        return open(path, mode)
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(start or 0)
+            return f.read(-1 if end is None else end - (start or 0))
+
+    def cat_ranges(self, paths, starts, ends, on_error: str = "return") -> list:
+        out: list = []
+        handles: dict[str, int] = {}
+        try:
+            for path, start, end in zip(paths, starts, ends, strict=True):
+                try:
+                    if path not in handles:
+                        handles[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    out.append(os.pread(handles[path], end - start, start))
+                except OSError as exc:
+                    out.append(exc)
+        finally:
+            for fd in handles.values():
+                os.close(fd)
+        return out
+
+
+class FilesRoot:
+    """For the readers' roots: local paths go through :class:`LocalFiles`, URLs through
+    fsspec (:class:`gpurec.storage.RemoteRoot`'s ``fs`` and ``path``)."""
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            from gpurec.storage import filesystem, is_url, local_path
+
+            if is_url(self.url) and not self.url.startswith("file://"):
+                self._fs, self._path = filesystem(self.url, self.storage_options)
+            else:
+                self._fs, self._path = LocalFiles(), os.path.abspath(local_path(self.url))
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        self.fs  # noqa: B018 - resolves both
+        return self._path.rstrip("/") or "/"
+
+
 def sample_root(root: str, storage_options: dict | None = None):
     """The root ``gpurec pack`` reads for ``root`` when it names WebDataset tars (a
     ``.tar``, a glob of them, a folder holding them) or parquet files (a ``.parquet``, a
     glob, a folder holding them, also under ``data/`` as on the Hugging Face hub); None
     for anything else (an image folder)."""
-    from gpurec.storage import filesystem
+    from gpurec.storage import filesystem, is_url, local_path
 
     text = root.rstrip("/")
     kind = _kind_of_name(text)
     if kind is None:
         try:
-            fs, path = filesystem(text, storage_options)
+            if is_url(text) and not text.startswith("file://"):
+                fs, path = filesystem(text, storage_options)
+            else:
+                fs, path = LocalFiles(), str(local_path(text))
             if not fs.isdir(path):
                 return None
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -140,7 +215,7 @@ def _kind_of_name(text: str) -> str | None:
 
 def _safe_glob(fs, path: str) -> Iterator[str]:
     try:
-        yield from fs.glob(f"{path}/data/**.parquet")
+        yield from fs.glob(f"{path}/data/**/*.parquet")
     except OSError:
         return
 

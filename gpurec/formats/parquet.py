@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gpurec.formats import Record, extension, files_of
+from gpurec.formats import FilesRoot, Record, extension, files_of
 from gpurec.listing import Listing
 from gpurec.recordio import ListEntry
 from gpurec.storage import RemoteRoot
@@ -153,11 +153,13 @@ def _columns(schema, features: dict) -> tuple[str, str | None, str | None, list[
     return image, label, multi, names
 
 
-class ParquetRoot(RemoteRoot):
+class ParquetRoot(FilesRoot, RemoteRoot):
     """Parquet files (a ``.parquet``, a glob, a folder of them; local or at a URL) as a
     root ``gpurec pack`` reads images from. :meth:`list_samples` reads the label columns
     and copies the images into a local spool file (removed when this object goes, in
     the process that made it); :meth:`read_many` reads them from there."""
+
+    labels_from = "parquet: the ClassLabel (or label) column"
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         super().__init__(url, storage_options)

@@ -21,7 +21,7 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
-from gpurec.formats import IMAGE_KEYS, Record, files_of
+from gpurec.formats import IMAGE_KEYS, FilesRoot, Record, files_of
 from gpurec.listing import Listing
 from gpurec.recordio import ListEntry
 from gpurec.storage import RemoteRoot
@@ -102,12 +102,14 @@ def _labels(cls: bytes | None, meta: dict | None) -> tuple[tuple[float, ...] | N
     return labels, name
 
 
-class TarRoot(RemoteRoot):
+class TarRoot(FilesRoot, RemoteRoot):
     """WebDataset tars (a ``.tar``, a glob, a folder of them; local or at a URL) as a
     root ``gpurec pack`` reads images from: :meth:`list_samples` lists every tar once
     (the member headers, and each sample's ``cls``/``json``), :meth:`read_many` reads
     images by byte range (``fs.cat_ranges``: concurrent on object stores). Pickles with
     its index, so worker processes read without listing again."""
+
+    labels_from = "WebDataset samples: cls, else the json's label"
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         super().__init__(url, storage_options)
