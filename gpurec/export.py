@@ -116,7 +116,7 @@ class Destination:
     def write(self, rel: str, write: Callable) -> str:
         """Write the file ``rel`` with ``write(binary file)``; it appears when complete."""
         if self.url is None:
-            replace_into(self._local(rel), write)
+            replace_into(self._local(rel), write, sync=True)  # a tar, a parquet file
             return self.name(rel)
         stage = staging_dir()
         try:

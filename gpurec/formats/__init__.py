@@ -79,14 +79,18 @@ def class_names(classes: list[str] | None, top: int) -> list[str]:
     return known + [f"{k:0{width}d}" for k in range(len(known), top + 1)]
 
 
-def replace_into(path: Path, write) -> None:
+def replace_into(path: Path, write, sync: bool = False) -> None:
     """Write ``path`` through a temporary name beside it (``.NAME.tmp``) and rename it
     into place, so that a reader never sees it half-written; ``write(file)`` writes the
-    content. On any failure the temporary file is removed."""
+    content, ``sync`` makes it durable before the rename (as pack's shards are). On any
+    failure the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
