@@ -35,6 +35,7 @@ import numpy as np
 def make_dataset(folder: Path, images: int) -> list[Path]:
     from gpurec.recordio import IRHeader, RecordWriter, pack
 
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     bases = []
     for _ in range(32):  # noise at 380x380, quality 90: about 100 KB
@@ -46,7 +47,8 @@ def make_dataset(folder: Path, images: int) -> list[Path]:
         rec = folder / f"bench-{s:05d}-of-00002.rec"
         with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
             for i in range(start, stop):
-                payload = bases[i % len(bases)] + i.to_bytes(8, "little")  # after the EOI
+                base = bases[i % len(bases)]  # unique: a JPEG comment segment after SOI
+                payload = base[:2] + b"\xff\xfe\x00\x0a" + i.to_bytes(8, "little") + base[2:]
                 writer.write(pack(IRHeader(0, float(i % 100), i, 0), payload), key=i)
         recs.append(rec)
     return recs

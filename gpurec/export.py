@@ -50,6 +50,7 @@ Progress = Callable[[int], None]
 ON_ERROR = ("raise", "skip")
 FOLDER_CHUNK = 256  # images per task of a folder export
 _SPLIT = re.compile(r"(-\d{5}-of-\d{5})?$")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -133,8 +134,24 @@ class Destination:
     def put(self, rel: str, data: bytes | memoryview) -> None:
         """One small file (an image of a folder export); to a URL, sent with the others
         of its chunk by :meth:`flush`."""
-        if self.url is None:
-            replace_into(self._local(rel), lambda f: f.write(data))
+        if self.url is None:  # replace_into's steps on descriptors: one file per image
+            path = str(self._local(rel))
+            folder, _, name = path.rpartition("/")
+            tmp = f"{folder}/.{name}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.close(fd)
+                fd = -1
+                os.replace(tmp, path)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             self._pending[rel] = bytes(data)
 
@@ -334,11 +351,27 @@ def _run_in_worker(start: int, stop: int, output: str | None) -> _Done:
     return _WORKER["exporter"].run(start, stop, output)
 
 
+def _refuse_in_starting_worker() -> None:
+    """A script that exports outside ``if __name__ == "__main__":`` runs again in each
+    worker as it starts: stop there with the cause (as :func:`gpurec.pack.pack` does)."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "gpurec's export was called in an export worker process as it started: the "
+            "script that calls it runs again in each worker, so it must call it under `if "
+            '__name__ == "__main__":`'
+        )
+
+
 def _pool(workers: int, args: tuple) -> ProcessPoolExecutor:
     import multiprocessing
 
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")  # a fork of a process with threads
+        ctx.set_forkserver_preload(["gpurec.export"])  # is unsafe; the server imports once
+    else:
+        ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=args)
 
 
@@ -371,6 +404,7 @@ def export(
     ``DEST/export.skipped.tsv``. ``on_plan`` is told how many samples this part
     exports, ``progress`` how many are done as chunks finish.
     """
+    _refuse_in_starting_worker()
     start_time = time.perf_counter()
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")

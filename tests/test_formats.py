@@ -431,3 +431,35 @@ def test_im2rec_pack_without_classes_json_gets_names_from_its_lst(
     export(tmp_path / "pets.rec", tmp_path / "dir", format="folder")
     assert sorted(p.name for p in (tmp_path / "dir").iterdir() if p.is_dir()) == ["a", "b", "c"]
     assert (tmp_path / "dir" / "b" / "b_2.jpg").is_file()
+
+
+def test_tar_headers_are_tarfiles_own() -> None:
+    """The fast ustar headers are byte for byte what tarfile writes (long names go
+    through tarfile itself)."""
+    from gpurec.formats.webdataset import ustar_header
+
+    for name, size in (("000001.jpg", 78123), ("a/b/c.json", 0), ("x" * 100, 5), ("é.png", 512)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8")
+    long = "k" * 150 + ".jpg"
+    with tarfile.open(fileobj=io.BytesIO(ustar_header(long, 0) + bytes(1024))) as tar:
+        assert tar.getnames() == [long]
+
+
+def test_pack_from_parquet_with_string_labels_and_a_bare_binary_column(tmp_path: Path) -> None:
+    """A parquet file of no particular writer: a binary image column and string labels
+    (classes in sorted order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpgs = [cv2.imencode(".jpg", np.full((10, 10, 3), 40 * k, np.uint8))[1].tobytes()
+            for k in range(4)]  # fmt: skip
+    names = ["zebra", "ant", "zebra", "mole"]
+    table = pa.table({"img": pa.array(jpgs, pa.binary()), "label": names})
+    pq.write_table(table, tmp_path / "animals.parquet")
+    summary = pack(tmp_path / "animals.parquet", tmp_path / "out", pass_through=True, workers=1)
+    assert summary.classes == ["ant", "mole", "zebra"] and summary.images == 4
+    number = {"ant": 0.0, "mole": 1.0, "zebra": 2.0}
+    want = Counter((sha(b), (number[n],)) for b, n in zip(jpgs, names, strict=True))
+    assert records_of(tmp_path / "out.rec") == want
