@@ -341,6 +341,22 @@ def bucket(endpoint, monkeypatch):
     client.delete_bucket(Bucket="formats")
 
 
+def test_export_from_s3(packed: Path, tmp_path: Path, bucket, monkeypatch) -> None:
+    """A source in a bucket is fetched into the shard cache and exported as a local one;
+    its classes.json rides with it."""
+    monkeypatch.setenv("GPUREC_CACHE", str(tmp_path / "cache"))
+    for path in packed.parent.iterdir():
+        if path.suffix in (".rec", ".idx") or path.name.endswith(".classes.json"):
+            bucket.upload_file(str(path), "formats", f"src/{path.name}")
+    res = run_gpurec("export", "s3://formats/src/ds", tmp_path / "wds", "--format", "webdataset")
+    assert res.returncode == 0, res.stderr
+    samples = read_webdataset(tmp_path / "wds")
+    assert len(samples) == 21 and {json.loads(s["json"])["class"] for s in samples} == {
+        "a", "b", "c"}  # fmt: skip
+    got = Counter((sha(s.get("jpg", s.get("png"))), (float(int(s["cls"])),)) for s in samples)
+    assert got == records_of(shards(packed))
+
+
 def test_export_to_s3_and_pack_back_from_it(packed: Path, tmp_path: Path, bucket) -> None:
     for fmt in FORMATS:
         res = run_gpurec("export", packed, f"s3://formats/{fmt}", "--format", fmt,
