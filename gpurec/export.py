@@ -261,8 +261,8 @@ class _Exporter:
                     seen = Counter((e.labels[:1], stems[e.index]) for e in entries)
                     for e in entries:
                         stem = stems[e.index]
-                        names[e.index] = stem if seen[(e.labels[:1], stem)] == 1 else \
-                            f"{e.index}_{stem}"  # fmt: skip
+                        unique = seen[(e.labels[:1], stem)] == 1
+                        names[e.index] = stem if unique else f"{e.index}_{stem}"
             self._lst_names[shard] = names
         return self._lst_names[shard]
 
@@ -312,26 +312,20 @@ class _Exporter:
             def write(f) -> None:
                 write_parquet(f, _as_bytes(records), self.spec)
 
-        stage = _Abort()
+        def guarded(f) -> None:
+            write(f)
+            if done.error is not None:  # an unreadable record: this file is dropped
+                raise _Aborted
+
         try:
-            done.output = self.dest.write(output, lambda f: stage.guard(write, f, done))
+            done.output = self.dest.write(output, guarded)
         except _Aborted:
             done.output = None
         return done
 
 
 class _Aborted(Exception):
-    pass
-
-
-class _Abort:
-    """Stops the writing of a file (nothing is kept) when a record is unreadable."""
-
-    @staticmethod
-    def guard(write, f, done: _Done) -> None:
-        write(f)
-        if done.error is not None:
-            raise _Aborted
+    """Ends the writing of a file whose records stopped at an unreadable one."""
 
 
 def _as_bytes(records: Iterator[Record]) -> Iterator[Record]:

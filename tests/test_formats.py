@@ -331,10 +331,15 @@ def bucket(endpoint, monkeypatch):
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
     import boto3
+    import s3fs
 
+    # fsspec keeps filesystems by their arguments, not by AWS_ENDPOINT_URL: one made here
+    # must not outlive this module's server (another module's tests would reuse it)
+    s3fs.S3FileSystem.clear_instance_cache()
     client = boto3.client("s3")
     client.create_bucket(Bucket="formats")
     yield client
+    s3fs.S3FileSystem.clear_instance_cache()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket="formats"):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket="formats", Key=obj["Key"])
