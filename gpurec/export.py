@@ -132,8 +132,10 @@ class Destination:
         return self.name(rel)
 
     def put(self, rel: str, data: bytes | memoryview) -> None:
-        """One small file (an image of a folder export); to a URL, sent with the others
-        of its chunk by :meth:`flush`."""
+        """One small file (an image of a folder export): written under a temporary name
+        and renamed, not fsynced one by one (a million fsyncs would be the export's
+        whole cost; after a crash, run the export again); to a URL, sent with the
+        others of its chunk by :meth:`flush` (each object appears whole)."""
         if self.url is None:  # replace_into's steps on descriptors: one file per image
             path = str(self._local(rel))
             folder, _, name = path.rpartition("/")
@@ -310,7 +312,7 @@ class _Exporter:
             from gpurec.formats.parquet import write_parquet
 
             def write(f) -> None:
-                write_parquet(f, _as_bytes(records), self.spec)
+                write_parquet(f, records, self.spec)
 
         def guarded(f) -> None:
             write(f)
@@ -326,12 +328,6 @@ class _Exporter:
 
 class _Aborted(Exception):
     """Ends the writing of a file whose records stopped at an unreadable one."""
-
-
-def _as_bytes(records: Iterator[Record]) -> Iterator[Record]:
-    for record in records:  # pyarrow takes bytes, not views of the memory map
-        record.data = bytes(record.data)
-        yield record
 
 
 _WORKER: dict = {}

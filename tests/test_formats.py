@@ -484,3 +484,11 @@ def test_pack_from_parquet_with_string_labels_and_a_bare_binary_column(tmp_path:
     number = {"ant": 0.0, "mole": 1.0, "zebra": 2.0}
     want = Counter((sha(b), (number[n],)) for b, n in zip(jpgs, names, strict=True))
     assert records_of(tmp_path / "out.rec") == want
+
+
+def test_an_image_tree_with_an_archive_beside_it_is_packed_as_a_tree(tmp_path: Path) -> None:
+    root = color_tree(tmp_path / "img", per_class=2)
+    with tarfile.open(root / "backup.tar", "w") as tar:
+        tar.add(root / "a", arcname="a")
+    summary = pack(root, tmp_path / "out", pass_through=True, workers=1)
+    assert summary.images == 6 and summary.classes == ["a", "b", "c"]

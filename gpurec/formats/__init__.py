@@ -110,8 +110,12 @@ class LocalFiles:
     def isfile(self, path: str) -> bool:
         return os.path.isfile(path)
 
-    def ls(self, path: str, detail: bool = False) -> list[str]:
-        return [os.path.join(path, n) for n in sorted(os.listdir(path))]
+    def ls(self, path: str, detail: bool = False) -> list:
+        if not detail:
+            return [os.path.join(path, n) for n in sorted(os.listdir(path))]
+        with os.scandir(path) as found:
+            return [{"name": e.path, "type": "directory" if e.is_dir() else "file"}
+                    for e in sorted(found, key=lambda e: e.name)]  # fmt: skip
 
     def glob(self, pattern: str) -> list[str]:
         import glob
@@ -172,9 +176,10 @@ class FilesRoot:
 
 def sample_root(root: str, storage_options: dict | None = None):
     """The root ``gpurec pack`` reads for ``root`` when it names WebDataset tars (a
-    ``.tar``, a glob of them, a folder holding them) or parquet files (a ``.parquet``, a
-    glob, a folder holding them, also under ``data/`` as on the Hugging Face hub); None
-    for anything else (an image folder)."""
+    ``.tar``, a glob of them, a folder holding them and no folders) or parquet files (a
+    ``.parquet``, a glob, a folder holding them, or holding them under ``data/`` as on
+    the Hugging Face hub); None for anything else: a folder with images or other folders
+    in it is an image tree, whatever archives lie beside them."""
     from gpurec.storage import filesystem, is_url, local_path
 
     text = root.rstrip("/")
@@ -187,14 +192,19 @@ def sample_root(root: str, storage_options: dict | None = None):
                 fs, path = LocalFiles(), str(local_path(text))
             if not fs.isdir(path):
                 return None
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+            entries = fs.ls(path, detail=True)
         except (OSError, ValueError):
             return None
-        suffixes = {os.path.splitext(n)[1].lower() for n in names}
-        if ".tar" in suffixes:
+        folders = {_base(e["name"]) for e in entries if e.get("type") == "directory"}
+        suffixes = {os.path.splitext(_base(e["name"]))[1].lower()
+                    for e in entries if e.get("type") != "directory"}  # fmt: skip
+        images = any(s.lstrip(".") in IMAGE_KEYS for s in suffixes)
+        if images or folders - {"data"}:  # an image tree (with an archive of it, maybe)
+            return None
+        if ".tar" in suffixes and not folders:
             kind = "webdataset"
-        elif ".parquet" in suffixes or (
-            "data" in names and any(p.endswith(".parquet") for p in _safe_glob(fs, path))
+        elif (".parquet" in suffixes and not folders) or (
+            folders == {"data"} and any(p.endswith(".parquet") for p in _safe_glob(fs, path))
         ):
             kind = "parquet"
     if kind == "webdataset":
@@ -206,6 +216,10 @@ def sample_root(root: str, storage_options: dict | None = None):
 
         return ParquetRoot(text, storage_options)
     return None
+
+
+def _base(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _kind_of_name(text: str) -> str | None:

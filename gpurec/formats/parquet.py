@@ -101,7 +101,7 @@ def write_parquet(out, records: Iterable[Record], spec: LabelSpec) -> int:
 
 def _table(pa, schema, records: list[Record], spec: LabelSpec):
     images = pa.StructArray.from_arrays(
-        [pa.array([r.data for r in records], pa.binary()),
+        [pa.array([r.data for r in records], pa.binary()),  # views: copied once, here
          pa.array([r.name for r in records], pa.string())],
         names=["bytes", "path"],
     )  # fmt: skip
