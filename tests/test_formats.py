@@ -492,3 +492,20 @@ def test_an_image_tree_with_an_archive_beside_it_is_packed_as_a_tree(tmp_path: P
         tar.add(root / "a", arcname="a")
     summary = pack(root, tmp_path / "out", pass_through=True, workers=1)
     assert summary.images == 6 and summary.classes == ["a", "b", "c"]
+
+
+def test_sample_json_is_json_dumps() -> None:
+    """The hand-formatted sample json is json.dumps' own text (sorted keys, non-ASCII
+    and quotes as json writes them)."""
+    from gpurec.formats import Record
+    from gpurec.formats.webdataset import sample_json
+
+    fields = {"id": 7, "id2": 0, "flag": 0, "source": "x.rec", "record": "record 5"}
+    for labels, name, cls in (((1.0,), 'ca"t_é.jpg', "cat\t1"), ((0.0, 2.5), "a.png", None)):
+        record = Record(b"", labels, name, "000001", dict(fields, flag=len(labels) - 1))
+        want = {**record.fields, "name": name, "label": list(labels) if len(labels) > 1
+                else labels[0]}  # fmt: skip
+        if cls is not None:
+            want["class"] = cls
+        assert sample_json(record, cls) == json.dumps(want, ensure_ascii=False,
+                                                      sort_keys=True).encode()  # fmt: skip

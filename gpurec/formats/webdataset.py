@@ -35,6 +35,10 @@ _MTIME = 0  # members carry no time: the same records make the same bytes
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 _ZEROS = bytes(_BLOCK)
+_TEMPLATE = _USTAR.pack(  # a member's header less its name, size and checksum
+    b"", b"0000644\0", b"0000000\0", b"0000000\0", b"", b"%011o\0" % _MTIME, b" " * 8, b"0", b"",
+    b"ustar\0", b"00", b"", b"", b"", b"", b"",
+)  # fmt: skip
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -48,10 +52,9 @@ def ustar_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, _MTIME, 0o644
         return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-    fields = [raw, b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size,
-              b"%011o\0" % _MTIME, b" " * 8, b"0", b"", b"ustar\0", b"00", b"", b"", b"", b"",
-              b""]  # fmt: skip
-    head = bytearray(_USTAR.pack(*fields))
+    head = bytearray(_TEMPLATE)
+    head[: len(raw)] = raw
+    head[124:136] = b"%011o\0" % size
     head[148:156] = b"%06o\0 " % sum(head)
     return bytes(head)
 
@@ -66,11 +69,30 @@ def _member(parts: list, name: str, data: bytes | memoryview) -> int:
 
 
 def sample_json(record: Record, class_name: str | None) -> bytes:
-    fields = {**record.fields, "name": record.name}
-    fields["label"] = list(record.labels) if len(record.labels) > 1 else record.label
-    if class_name is not None:
-        fields["class"] = class_name
-    return json.dumps(fields, ensure_ascii=False, sort_keys=True).encode()
+    """The sample's json: the header fields, all the labels, the class and file names.
+    Formatted by hand where it can be (a third of ``json.dumps``' time per sample), with
+    what ``json.dumps(..., sort_keys=True)`` gives."""
+    f = record.fields
+    if set(f) != _FIELDS or not all(type(f[k]) is int for k in ("flag", "id", "id2")):
+        fields = {**f, "name": record.name, "label": _label_value(record)}
+        if class_name is not None:
+            fields["class"] = class_name
+        return json.dumps(fields, ensure_ascii=False, sort_keys=True).encode()
+    label = json.dumps(_label_value(record))
+    head = "{" if class_name is None else '{"class": ' + _string(class_name) + ", "
+    return (
+        f'{head}"flag": {f["flag"]}, "id": {f["id"]}, "id2": {f["id2"]}, "label": {label}, '
+        f'"name": {_string(record.name)}, "record": {_string(f["record"])}, '
+        f'"source": {_string(f["source"])}}}'
+    ).encode()
+
+
+_FIELDS = {"flag", "id", "id2", "record", "source"}  # what gpurec.export puts in a record
+_string = json.encoder.encode_basestring  # a JSON string, non-ASCII kept (ensure_ascii=False)
+
+
+def _label_value(record: Record) -> float | list[float]:
+    return list(record.labels) if len(record.labels) > 1 else record.label
 
 
 def write_tar(out: BinaryIO, records: Iterable[Record], names: list[str] | None) -> int:
