@@ -85,7 +85,10 @@ def write_parquet(out, records: Iterable[Record], spec: LabelSpec) -> int:
     pa, pq = _pyarrow()
     schema = spec.schema()
     n = 0
-    with pq.ParquetWriter(out, schema, compression="none", use_dictionary=False) as writer:
+    # no min/max statistics of the image bytes: comparing every image with the others
+    # took most of the writer's time, and no reader filters on them
+    with pq.ParquetWriter(out, schema, compression="none", use_dictionary=False,
+                          write_statistics=["label", "id"]) as writer:  # fmt: skip
         batch: list[Record] = []
         for record in records:
             batch.append(record)
