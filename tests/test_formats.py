@@ -509,3 +509,19 @@ def test_sample_json_is_json_dumps() -> None:
             want["class"] = cls
         assert sample_json(record, cls) == json.dumps(want, ensure_ascii=False,
                                                       sort_keys=True).encode()  # fmt: skip
+
+
+def test_ray_pack_from_webdataset_writes_the_bytes_of_a_local_pack(packed: Path, tmp_path) -> None:
+    """The tars' root travels to Ray tasks with its index (and an absolute path)."""
+    ray = pytest.importorskip("ray")
+    export(packed, tmp_path / "wds", format="webdataset", max_samples=8)
+    local = pack(tmp_path / "wds", tmp_path / "local" / "ds", shards=2, resize=20, workers=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = pack(tmp_path / "wds", tmp_path / "ray" / "ds", shards=2, resize=20,
+                      executor="ray")  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert remote.images == local.images == 21
+    for rec in shards(tmp_path / "local" / "ds"):
+        assert (tmp_path / "ray" / rec.name).read_bytes() == rec.read_bytes()

@@ -153,6 +153,16 @@ class LocalFiles:
         return out
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (worker processes and Ray tasks may run elsewhere); a
+    URL unchanged."""
+    from gpurec.storage import is_url, local_path
+
+    if is_url(url) and not url.startswith("file://"):
+        return url
+    return os.path.abspath(local_path(url))
+
+
 class FilesRoot:
     """For the readers' roots: local paths go through :class:`LocalFiles`, URLs through
     fsspec (:class:`gpurec.storage.RemoteRoot`'s ``fs`` and ``path``)."""

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gpurec.formats import FilesRoot, Record, extension, files_of
+from gpurec.formats import FilesRoot, Record, absolute, extension, files_of
 from gpurec.listing import Listing
 from gpurec.recordio import ListEntry
 from gpurec.storage import RemoteRoot
@@ -165,7 +165,7 @@ class ParquetRoot(FilesRoot, RemoteRoot):
     labels_from = "parquet: the ClassLabel (or label) column"
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        super().__init__(url, storage_options)
+        super().__init__(absolute(url), storage_options)
         self._where: dict[str, tuple[int, int]] = {}
         self._spool: str | None = None
         self._fd: int | None = None

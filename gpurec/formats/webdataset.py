@@ -22,7 +22,7 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
-from gpurec.formats import IMAGE_KEYS, FilesRoot, Record, files_of
+from gpurec.formats import IMAGE_KEYS, FilesRoot, Record, absolute, files_of
 from gpurec.listing import Listing
 from gpurec.recordio import ListEntry, write_all
 from gpurec.storage import RemoteRoot
@@ -183,7 +183,7 @@ class TarRoot(FilesRoot, RemoteRoot):
     labels_from = "WebDataset samples: cls, else the json's label"
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        super().__init__(url, storage_options)
+        super().__init__(absolute(url), storage_options)
         self._where: dict[str, tuple[str, int, int]] = {}
 
     def __getstate__(self) -> dict:
