@@ -88,7 +88,9 @@ def test_golden_passthrough_to_folder_is_the_image_tree(golden: Path, tmp_path: 
 
 
 def test_golden_passthrough_to_webdataset(golden: Path, expected: dict, tmp_path: Path) -> None:
-    export(golden / "passthrough.rec", tmp_path / "wds", format="webdataset")
+    import gpurec
+
+    gpurec.export(golden / "passthrough.rec", tmp_path / "wds", format="webdataset")
     want = expected["passthrough"]
     samples = read_webdataset(tmp_path / "wds")
     assert len(samples) == 12
