@@ -1,9 +1,13 @@
 """gpurec: image folders to MXNet RecordIO shards, and shards to training batches.
 
 ``gpurec.pack(root, prefix, ...)`` packs a tree into shards; ``gpurec.Pipeline(...)``
-streams shards as augmented batches. The format itself is :mod:`gpurec.recordio`.
+streams shards as augmented batches; ``gpurec.export(source, dest, format=...)`` writes
+them out as image folders, WebDataset tars or parquet. The format itself is
+:mod:`gpurec.recordio`.
 """
 
+from gpurec.export import ExportSummary
+from gpurec.export import export as export  # the function, as gpurec.pack is
 from gpurec.pack import PackOptions
 from gpurec.pack import pack as pack  # the function; the module stays gpurec.pack in imports
 from gpurec.pipeline import Batch, Pipeline
@@ -14,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "ExportSummary",
     "IRHeader",
     "ListEntry",
     "PackOptions",
@@ -23,5 +28,6 @@ __all__ = [
     "RecordReader",
     "RecordWriter",
     "__version__",
+    "export",
     "pack",
 ]

@@ -243,6 +243,66 @@ def pack(
 
 
 @app.command(
+    epilog="Examples:\n\n"
+    "  gpurec export out/faces_train out/faces --format folder\n\n"
+    "  gpurec export 'out/in_train-*.rec' s3://bucket/in-wds --format webdataset\n\n"
+    "  gpurec export ms1m/train.rec hf/ms1m --format parquet --num-parts 8 --part 3\n\n"
+    "  gpurec export lfw.bin out/lfw --format folder"
+)
+def export(
+    source: Annotated[
+        str, typer.Argument(help="A .rec, a shard prefix, a glob, a URL; or a verification .bin.")
+    ],
+    dest: Annotated[str, typer.Argument(help="Output folder, or a URL (s3://...).")],
+    format: Annotated[str, typer.Option(help="'folder', 'webdataset' or 'parquet'.")] = "folder",
+    max_samples: Annotated[
+        int, typer.Option(help="Samples per tar or parquet file, at most.")
+    ] = 10_000,
+    max_mb: Annotated[float, typer.Option(help="MB per tar or parquet file, about.")] = 1024.0,
+    num_parts: Annotated[
+        int, typer.Option(help="Job-array size: output files are dealt to parts.")
+    ] = 1,
+    part: Annotated[int, typer.Option(help="This job's part, 0..num-parts-1.")] = 0,
+    on_error: Annotated[
+        str, typer.Option(help="'raise' (stop, naming the record) or 'skip' an unreadable one.")
+    ] = "raise",
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes. [default: all cores]")
+    ] = None,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option("--storage-option", help="key=value for the fsspec filesystem of a URL."),
+    ] = None,
+) -> None:
+    """Write a dataset's images, bytes unchanged, as class folders, WebDataset tars or
+    Hugging Face parquet (labels, class names and header fields kept)."""
+    from gpurec.export import export as export_dataset
+
+    with _errors():
+        options = None
+        if storage_option:
+            from gpurec.storage import parse_storage_options
+
+            options = parse_storage_options(storage_option)
+        with _progress("exporting") as (set_total, advance):
+            summary = export_dataset(
+                source, dest, format=format, max_samples=max_samples,
+                max_bytes=max(1, int(max_mb * 1e6)), num_parts=num_parts, part=part,
+                on_error=on_error, workers=workers, storage_options=options,
+                progress=advance, on_plan=set_total,
+            )  # fmt: skip
+    for where, reason in summary.skipped[:5]:
+        console.print(f"[yellow]skipped[/] {where}: {reason}", highlight=False)
+    if len(summary.skipped) > 5:
+        console.print(f"[yellow]... and {len(summary.skipped) - 5} more[/]")
+    for cut in summary.cuts:
+        console.print(f"[yellow]cut short[/] {cut}", highlight=False)
+    if summary.report:
+        console.print(f"skip report: {summary.report}", highlight=False)
+    typer.echo(summary.line())
+
+
+@app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
 )
@@ -280,6 +340,8 @@ def info(
     """Records, shards, bytes, label histogram, header kind and image sizes of a dataset."""
     from gpurec.inspection import info as dataset_info
 
+    if source.endswith(".bin"):  # an InsightFace verification set
+        return _bin_info(source, as_json)
     with _errors(), _progress("reading headers") as (_, advance):
         result = dataset_info(source, sample=sample, progress=advance)
     if as_json:
@@ -320,6 +382,23 @@ def info(
     typer.echo(
         f"{result.records} images in {len(result.shards)} shard(s), {result.bytes / 1e6:.1f} MB, "
         f"{len(result.labels)} label value(s), {result.label_kind}"
+    )
+
+
+def _bin_info(source: str, as_json: bool) -> None:
+    """``gpurec info lfw.bin``: the pairs of an InsightFace verification set."""
+    import json
+
+    from gpurec.formats.verification import read_bin
+
+    with _errors():
+        result = read_bin(source).summary()
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(
+        f"{result['pairs']} pairs ({result['same']} same, {result['different']} different), "
+        f"{result['images']} images {result['formats']}: InsightFace verification set {source}"
     )
 
 

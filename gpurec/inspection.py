@@ -58,18 +58,18 @@ def find_classes(rec: Path) -> list[str] | None:
 
 
 def classes_from_lst(lst: Path) -> list[str] | None:
-    """The class names of an im2rec `.lst`: im2rec labels the images of folder ``k``
-    (in sorted order) ``k``, so label ``k``'s name is its paths' first folder. None
-    unless that is so throughout: one label per line, every path in a folder, each
-    label one folder and each folder one label, the labels 0..K-1 with none missing."""
+    """The class names of an im2rec `.lst`: im2rec numbers the folders that hold images
+    in walk order and labels their images so, so label ``k``'s name is its paths'
+    folder (``a/b`` for ``a/b/x.jpg``). None unless that is so throughout: one label per
+    line, every path in a folder, each label one folder and each folder one label, the
+    labels 0..K-1 with none missing."""
     names: dict[int, str] = {}
     try:
         for entry in read_lst(lst):
-            parts = entry.path.replace("\\", "/").split("/")
-            if len(entry.labels) != 1 or len(parts) < 2 or not entry.labels[0].is_integer():
+            folder = entry.path.replace("\\", "/").rpartition("/")[0]
+            if len(entry.labels) != 1 or not folder or not entry.labels[0].is_integer():
                 return None
-            label, name = int(entry.labels[0]), parts[0]
-            if names.setdefault(label, name) != name:
+            if names.setdefault(int(entry.labels[0]), folder) != folder:
                 return None
     except (RecordIOError, OSError, UnicodeDecodeError):
         return None

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from gpurec.formats import sample_root
 from gpurec.listing import (
     IMAGE_EXTS,
     Listing,
@@ -179,6 +180,8 @@ def unique_indices(entries: Iterable[ListEntry]) -> tuple[list[ListEntry], list[
 
 
 def _listing(root: Path | RemoteRoot, opts: PackOptions) -> Listing:
+    if opts.lst is None and hasattr(root, "list_samples"):  # WebDataset tars, parquet files
+        return root.list_samples()
     if opts.lst is None:
         return list_images(
             root,
@@ -301,6 +304,7 @@ def pack(
         source: Path | RemoteRoot = RemoteRoot(root_text, opts.storage_options)
     else:
         source = Path(local_path(root_text))
+    source = sample_root(root_text, opts.storage_options) or source  # tars, parquet files
     outputs = _Outputs(prefix, opts.storage_options)
     ok = False
     try:
@@ -327,8 +331,9 @@ def pack(
                 on_shard=outputs.shard_done,
             )
         classes = prefix.with_name(classes_name(prefix.name))
+        labels_from = getattr(source, "labels_from", None) or _labels_from(opts)  # tars, parquet
         _write_json(  # last: a pack that failed leaves nothing under a final name
-            classes, {"classes": listing.classes, "labels_from": _labels_from(opts)}
+            classes, {"classes": listing.classes, "labels_from": labels_from}
         )
         outputs.manifest(classes, True)
         summary.skipped[:0] = listing.skipped if opts.part == 0 else []

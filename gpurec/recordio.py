@@ -121,16 +121,21 @@ def atomic_write(
     encoding: str | None = None,
     errors: str | None = None,
     newline: str | None = None,
+    sync: bool = False,
 ) -> Iterator[IO]:
     """``with atomic_write(path) as f:``: ``f`` writes a temporary file of its own beside
     ``path`` (:func:`temp_beside`), renamed to ``path`` when the block ends; on any error
     the temporary file is removed and ``path`` is as it was. The one way gpurec writes a
-    small file that others may read at any moment."""
+    file that others may read at any moment. ``sync``: made durable (``fsync``) before
+    the rename, for large outputs a crash must not leave empty under their final name."""
     path = Path(path)
     fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, mode, encoding=encoding, errors=errors, newline=newline) as f:
             yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -426,17 +426,18 @@ def sweep_work_dirs(folder: Path, prefix: str) -> list[Path]:
     return [old for old in Path(folder).glob(prefix + "*") if old.is_dir() and _stale(old, now)]
 
 
-def refuse_in_starting_worker() -> None:
-    """A script that calls pack() outside ``if __name__ == "__main__":`` runs again in
-    every worker process as it starts (forkserver and spawn import the main script):
-    stop there, before that copy of the script lists or writes anything, with the cause
+def refuse_in_starting_worker(what: str = "packing") -> None:
+    """A script that calls pack() (or export(), ``what``) outside ``if __name__ ==
+    "__main__":`` runs again in every worker process as it starts (forkserver and spawn
+    import the main script): stop there, before that copy of the script lists or writes
+    anything, with the cause
     (the pack that started the worker then reports a worker that failed as it started,
     :func:`_died`)."""
     import multiprocessing
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuntimeError(
-            "gpurec's packing was called in a pack worker process as it started: the "
+            f"gpurec's {what} was called in one of its worker processes as it started: the "
             "script that calls it runs again in each worker, so it must call it under "
             '`if __name__ == "__main__":`'
         )
@@ -473,14 +474,14 @@ def _died(pool: ProcessPoolExecutor, wait: float = 5.0) -> str:
     return f"a pack worker process {why}; nothing partial was left under a final name"
 
 
-def _pool_context():
+def pool_context(preload: str = "gpurec.pack"):
     """forkserver where there is one (a fork of a process with threads is unsafe); the
-    server imports gpurec.pack (and OpenCV) once, each worker is a fork of it."""
+    server imports ``preload`` (and OpenCV) once, each worker is a fork of it."""
     import multiprocessing
 
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["gpurec.pack"])
+        ctx.set_forkserver_preload([preload])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -513,7 +514,7 @@ def _in_order(
     if executor == "processes":
         pool = ProcessPoolExecutor(
             workers,
-            mp_context=_pool_context(),
+            mp_context=pool_context(),
             initializer=_init_worker,
             initargs=(source, spec, str(scratch)),
         )

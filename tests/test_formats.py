@@ -1,0 +1,529 @@
+"""`gpurec export` to folders, WebDataset and parquet, read back by the real `webdataset`
+and `datasets` libraries and by plain `tarfile`, on MXNet-written files and gpurec packs;
+`gpurec pack` from those formats; InsightFace verification `.bin` files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import color_tree, run_gpurec, write_records
+
+from gpurec.dataset import Dataset
+from gpurec.export import export
+from gpurec.pack import pack
+from gpurec.recordio import IRHeader, RecordReader, RecordWriter, read_lst, unpack
+from gpurec.recordio import pack as pack_record
+
+FORMATS = ("folder", "webdataset", "parquet")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def records_of(prefix_or_rec) -> Counter:
+    """The multiset of (payload sha256, labels) of every sample of a dataset."""
+    out: Counter = Counter()
+    ds = Dataset([prefix_or_rec] if isinstance(prefix_or_rec, Path) else prefix_or_rec)
+    try:
+        for i in range(len(ds)):
+            header, payload = unpack(ds.read(i))
+            out[(sha(payload), tuple(np.atleast_1d(header.label).tolist()))] += 1
+    finally:
+        ds.close()
+    return out
+
+
+def shards(prefix: Path) -> list[Path]:
+    return sorted(prefix.parent.glob(prefix.name + "*.rec"))
+
+
+def read_webdataset(folder: Path) -> list[dict]:
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted(folder.glob("*.tar"))]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def load_parquet(folder: Path):
+    import datasets
+
+    files = [str(p) for p in sorted(folder.glob("*.parquet"))]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    return ds, ds.cast_column("image", datasets.Image(decode=False))
+
+
+# ---------------------------------------------------------------- MXNet-written files
+
+
+def test_golden_passthrough_to_folder_is_the_image_tree(golden: Path, tmp_path: Path) -> None:
+    """MXNet's im2rec pass-through pack exports back to the very files it was made from,
+    under their .lst names, class folders from the .lst (there is no classes.json)."""
+    summary = export(golden / "passthrough.rec", tmp_path / "out", format="folder", workers=1)
+    assert summary.images == 12 and not summary.skipped
+    out = tmp_path / "out"
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.parent != out)
+    originals = sorted(p.relative_to(golden / "images").as_posix()
+                       for p in (golden / "images").rglob("*.*"))  # fmt: skip
+    assert written == originals
+    for rel in originals:
+        assert (tmp_path / "out" / rel).read_bytes() == (golden / "images" / rel).read_bytes()
+    assert json.loads((tmp_path / "out" / "classes.json").read_text())["classes"] == [
+        "cat", "dog", "fox"]  # fmt: skip
+    listed = list(read_lst(tmp_path / "out" / "export.lst"))
+    assert [e.path for e in listed] == [
+        e.path for e in read_lst(golden / "passthrough.lst")
+    ]  # same order, same names
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_golden_passthrough_to_webdataset(golden: Path, expected: dict, tmp_path: Path) -> None:
+    import gpurec
+
+    gpurec.export(golden / "passthrough.rec", tmp_path / "wds", format="webdataset")
+    want = expected["passthrough"]
+    samples = read_webdataset(tmp_path / "wds")
+    assert len(samples) == 12
+    for k, sample in enumerate(samples):
+        image = sample.get("jpg", sample.get("png"))
+        meta = json.loads(sample["json"])
+        rec = want[str(meta["id"])]
+        assert sha(image) == rec["payload_sha256"]
+        assert int(sample["cls"]) == rec["label"] == meta["label"]
+        assert meta["class"] == ["cat", "dog", "fox"][int(rec["label"])]
+        assert sample["__key__"] == f"{k:06d}"
+    assert sum("png" in s for s in samples) == 1  # fox_3.png is a PNG, named so
+    with tarfile.open(next((tmp_path / "wds").glob("*.tar"))) as tar:  # plain tar reads it
+        names = tar.getnames()
+        assert names[:3] == ["000000.jpg", "000000.cls", "000000.json"]
+        assert tar.extractfile("000000.cls").read() == b"0"
+
+
+def test_golden_passthrough_to_parquet(golden: Path, expected: dict, tmp_path: Path) -> None:
+    export(golden / "passthrough.rec", tmp_path / "pq", format="parquet")
+    decoded, ds = load_parquet(tmp_path / "pq")
+    assert ds.features["label"].names == ["cat", "dog", "fox"]
+    want = expected["passthrough"]
+    for row in ds:
+        rec = want[str(row["id"])]
+        assert sha(row["image"]["bytes"]) == rec["payload_sha256"]
+        assert row["label"] == rec["label"]
+    assert decoded[0]["image"].size == tuple(want[str(decoded[0]["id"])]["shape"][1::-1])
+    paths = sorted(row["image"]["path"] for row in ds)
+    assert paths[0] == "cat_0.jpg" and "fox_3.png" in paths
+
+
+@pytest.mark.parametrize("name", ["train.rec", "shuffled.rec"])
+def test_golden_insightface(golden: Path, tmp_path: Path, name: str) -> None:
+    """InsightFace layout (header and identity records left out) and its shuffled file
+    without .idx: the 12 face images, their labels, bytes unchanged."""
+    want = json.loads((golden / "insightface" / "expected.json").read_text())["images"]
+    hashes = Counter((v["payload_sha256"], v["label"]) for v in want.values())
+    src = tmp_path / name
+    shutil.copy(golden / "insightface" / name, src)  # the scan's cache goes beside it
+    if (golden / "insightface" / name).with_suffix(".idx").exists():
+        shutil.copy((golden / "insightface" / name).with_suffix(".idx"), src.with_suffix(".idx"))
+    export(src, tmp_path / "wds", format="webdataset", workers=1)
+    samples = read_webdataset(tmp_path / "wds")
+    assert Counter((sha(s["jpg"]), float(int(s["cls"]))) for s in samples) == hashes
+    export(src, tmp_path / "pq", format="parquet", workers=1)
+    _, ds = load_parquet(tmp_path / "pq")
+    assert Counter((sha(r["image"]["bytes"]), float(r["label"])) for r in ds) == hashes
+    export(src, tmp_path / "dir", format="folder", workers=1)
+    files = [p for p in (tmp_path / "dir").rglob("*.jpg")]
+    assert Counter((sha(p.read_bytes()), float(int(p.parent.name))) for p in files) == hashes
+
+
+# ------------------------------------------------------------------ gpurec packs
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("packed")
+    root = color_tree(tmp / "img", per_class=7)
+    (root / "c" / "c_6.jpg").write_bytes(cv2.imencode(".png", np.zeros((20, 30, 3), np.uint8))[1])
+    pack(root, tmp / "out" / "ds", pass_through=True, shards=3, workers=1)
+    return tmp / "out" / "ds"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_through_each_format(packed: Path, tmp_path: Path, fmt: str) -> None:
+    """.rec -> export -> pack --pass-through gives the same (image bytes, label) multiset;
+    the class names come back too."""
+    summary = export(packed, tmp_path / fmt, format=fmt, workers=2, max_samples=8)
+    assert summary.images == 21 and not summary.skipped
+    if fmt != "folder":
+        assert len(summary.outputs) == 3  # 21 samples, 8 per file
+    back = pack(tmp_path / fmt, tmp_path / "back" / "ds", pass_through=True, workers=1)
+    assert back.images == 21 and not back.skipped
+    assert back.classes == ["a", "b", "c"]
+    assert records_of(shards(tmp_path / "back" / "ds")) == records_of(shards(packed))
+
+
+def test_folder_export_reads_as_an_image_folder(packed: Path, tmp_path: Path) -> None:
+    """What torchvision's ImageFolder does: sorted class folders numbered 0..K-1; the
+    PNG stored under a .jpg name is written as .png (its sniffed format)."""
+    export(packed, tmp_path / "dir", format="folder")
+    classes = sorted(p.name for p in (tmp_path / "dir").iterdir() if p.is_dir())
+    assert classes == ["a", "b", "c"]
+    assert [p.name for p in (tmp_path / "dir" / "c").glob("*.png")] == ["c_6.png"]
+    seen = Counter()
+    for label, name in enumerate(classes):
+        for path in (tmp_path / "dir" / name).iterdir():
+            seen[(sha(path.read_bytes()), float(label))] += 1
+    assert seen == Counter({(h, lab[0]): n for (h, lab), n in records_of(shards(packed)).items()})
+
+
+def test_job_array_parts_write_what_one_export_writes(packed: Path, tmp_path: Path) -> None:
+    one = export(packed, tmp_path / "one", format="webdataset", max_samples=5)
+    for part in range(3):
+        export(packed, tmp_path / "parts", format="webdataset", max_samples=5,
+               num_parts=3, part=part)  # fmt: skip
+    names = sorted(Path(p).name for p in one.outputs)
+    assert len(names) == 5 and sorted(p.name for p in (tmp_path / "parts").glob("*.tar")) == names
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes()
+
+
+def test_multi_label_records_keep_every_label(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (16, 16, 3), np.uint8) for _ in range(5)]
+    labels = [[float(k % 2), 10.0 + k, 0.5] for k in range(5)]
+    rec = write_records(tmp_path / "multi.rec", images, labels)
+    want = records_of(rec)
+    for fmt in FORMATS:
+        export(rec, tmp_path / fmt, format=fmt, workers=1)
+    samples = read_webdataset(tmp_path / "webdataset")
+    assert [json.loads(s["json"])["label"] for s in samples] == labels
+    assert [int(s["cls"]) for s in samples] == [k % 2 for k in range(5)]
+    ds = load_parquet(tmp_path / "parquet")[1]
+    assert [r["labels"] for r in ds] == labels and [r["label"] for r in ds] == [0, 1, 0, 1, 0]
+    lst = tmp_path / "folder" / "export.lst"
+    assert [list(e.labels) for e in read_lst(lst)] == labels
+    back = pack(tmp_path / "folder", tmp_path / "b1", lst=str(lst), pack_label=True,
+                pass_through=True, workers=1)  # fmt: skip
+    assert back.images == 5 and records_of(tmp_path / "b1.rec") == want
+    for fmt in ("webdataset", "parquet"):
+        pack(tmp_path / fmt, tmp_path / f"b_{fmt}", pack_label=True, pass_through=True, workers=1)
+        assert records_of(tmp_path / f"b_{fmt}.rec") == want, fmt
+
+
+def test_cut_short_file_exports_its_intact_records(golden: Path, tmp_path: Path) -> None:
+    rec = tmp_path / "cut.rec"
+    data = (golden / "passthrough.rec").read_bytes()
+    rec.write_bytes(data[: len(data) - 500])  # into the last record
+    shutil.copy(golden / "passthrough.idx", rec.with_suffix(".idx"))
+    res = run_gpurec("export", rec, tmp_path / "wds", "--format", "webdataset")
+    assert res.returncode == 0, res.stderr
+    assert "11 images" in res.stdout and "1 lost to a cut" in res.stdout
+    assert "cut short" in res.stderr and "at byte" in res.stderr
+    assert len(read_webdataset(tmp_path / "wds")) == 11
+
+
+def _with_a_bad_record(tmp_path: Path) -> Path:
+    rec = tmp_path / "bad.rec"
+    good = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i in range(4):
+            payload = good if i != 2 else good[: len(good) // 2]  # a truncated JPEG
+            writer.write(pack_record(IRHeader(0, float(i), i, 0), payload), key=i)
+    return rec
+
+
+def test_an_unreadable_record_is_an_error_naming_it_or_skipped(tmp_path: Path) -> None:
+    rec = _with_a_bad_record(tmp_path)
+    res = run_gpurec("export", rec, tmp_path / "wds", "--format", "webdataset")
+    assert res.returncode == 2
+    assert "bad.rec" in res.stderr and "record 2" in res.stderr and "--on-error skip" in res.stderr
+    assert not (tmp_path / "wds").exists() or not list((tmp_path / "wds").iterdir())
+    res = run_gpurec("export", rec, tmp_path / "wds", "--format", "webdataset",
+                     "--on-error", "skip")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "3 images" in res.stdout and "skipped 1" in res.stdout
+    report = (tmp_path / "wds" / "export.skipped.tsv").read_text()
+    assert "record 2" in report and "truncated JPEG" in report
+    assert [int(s["cls"]) for s in read_webdataset(tmp_path / "wds")] == [0, 1, 3]
+
+
+# ------------------------------------------------------------ pack from other formats
+
+
+def test_pack_from_a_datasets_parquet(tmp_path: Path) -> None:
+    """A parquet dataset written by datasets' own to_parquet (an Image column, a
+    ClassLabel), one row without image bytes and one that is no image."""
+    import datasets
+
+    rng = np.random.default_rng(3)
+    pngs = [cv2.imencode(".png", rng.integers(0, 255, (9, 11, 3), np.uint8))[1].tobytes()
+            for _ in range(6)]  # fmt: skip
+    rows = [{"bytes": b, "path": f"x{i}.png"} for i, b in enumerate(pngs)]
+    rows[4] = {"bytes": b"not an image at all", "path": "bad.png"}
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["ant", "bee"])})  # fmt: skip
+    labels = [0, 1, 1, 0, 1, 0]
+    ds = datasets.Dataset.from_dict({"image": rows, "label": labels}, features=features)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    summary = pack(tmp_path / "hub", tmp_path / "out" / "bugs", pass_through=True, workers=2)
+    assert summary.images == 5 and summary.classes == ["ant", "bee"]
+    assert len(summary.skipped) == 1 and "not an image" in summary.skipped[0][1]
+    assert "00000004" in summary.skipped[0][0]
+    assert (tmp_path / "out" / "bugs.skipped.tsv").exists()
+    want = Counter(
+        (sha(b), (float(lab),))
+        for k, (b, lab) in enumerate(zip(pngs, labels, strict=True))
+        if k != 4
+    )
+    assert records_of(tmp_path / "out" / "bugs.rec") == want
+
+
+def test_pack_from_webdataset_with_resize_and_bad_samples(packed: Path, tmp_path: Path) -> None:
+    export(packed, tmp_path / "wds", format="webdataset", max_samples=10)
+    tars = sorted((tmp_path / "wds").glob("*.tar"))
+    extra = tmp_path / "wds" / "zz-extra.tar"  # a sample without cls or json, one cut short
+    with tarfile.open(extra, "w") as tar:
+        data = b"\xff\xd8\xff" + bytes(100)
+        info = tarfile.TarInfo("lonely.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    data = tars[-1].read_bytes()
+    tars[-1].write_bytes(data[: len(data) // 2])
+    res = run_gpurec("pack", tmp_path / "wds", tmp_path / "out" / "ds", "--resize", "24")
+    assert res.returncode == 0, res.stderr
+    report = (tmp_path / "out" / "ds.skipped.tsv").read_text()
+    assert "zz-extra.tar/lonely\tno label" in report
+    assert "cut short" in report
+    kept = sum(len(RecordReader(p)) for p in shards(tmp_path / "out" / "ds"))
+    assert 10 < kept < 21
+    reader = RecordReader(shards(tmp_path / "out" / "ds")[0])
+    img = cv2.imdecode(np.frombuffer(unpack(reader[0])[1], np.uint8), cv2.IMREAD_COLOR)
+    assert min(img.shape[:2]) == 24  # resized: not pass-through
+
+
+# ------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    from moto import server as moto_server
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    import boto3
+    import s3fs
+
+    # fsspec keeps filesystems by their arguments, not by AWS_ENDPOINT_URL: one made here
+    # must not outlive this module's server (another module's tests would reuse it)
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="formats")
+    yield client
+    s3fs.S3FileSystem.clear_instance_cache()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="formats"):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket="formats", Key=obj["Key"])
+    client.delete_bucket(Bucket="formats")
+
+
+def test_export_from_s3(packed: Path, tmp_path: Path, bucket, monkeypatch) -> None:
+    """A source in a bucket is fetched into the shard cache and exported as a local one;
+    its classes.json rides with it."""
+    monkeypatch.setenv("GPUREC_CACHE", str(tmp_path / "cache"))
+    for path in packed.parent.iterdir():
+        if path.suffix in (".rec", ".idx") or path.name.endswith(".classes.json"):
+            bucket.upload_file(str(path), "formats", f"src/{path.name}")
+    res = run_gpurec("export", "s3://formats/src/ds", tmp_path / "wds", "--format", "webdataset")
+    assert res.returncode == 0, res.stderr
+    samples = read_webdataset(tmp_path / "wds")
+    assert len(samples) == 21 and {json.loads(s["json"])["class"] for s in samples} == {
+        "a", "b", "c"}  # fmt: skip
+    got = Counter((sha(s.get("jpg", s.get("png"))), (float(int(s["cls"])),)) for s in samples)
+    assert got == records_of(shards(packed))
+
+
+def test_export_to_s3_and_pack_back_from_it(packed: Path, tmp_path: Path, bucket) -> None:
+    for fmt in FORMATS:
+        res = run_gpurec("export", packed, f"s3://formats/{fmt}", "--format", fmt,
+                         "--max-samples", "9")  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="formats")["Contents"]}
+    assert {"webdataset/ds-00000-of-00003.tar", "parquet/ds-00002-of-00003.parquet",
+            "folder/a/a_0.jpg", "folder/classes.json", "folder/export.lst"} <= keys  # fmt: skip
+    assert not [k for k in keys if k.endswith(".tmp")]
+    want = records_of(shards(packed))
+    for fmt in FORMATS:
+        out = tmp_path / fmt / "ds"
+        # threads: a forkserver started by an earlier test has not this test's AWS_* variables
+        summary = pack(f"s3://formats/{fmt}", out, pass_through=True, workers=2,
+                       executor="threads")  # fmt: skip
+        assert summary.classes == ["a", "b", "c"], fmt
+        assert records_of(shards(out)) == want, fmt
+
+
+# ------------------------------------------------------------------ verification sets
+
+
+def _verification_bin(path: Path, pairs: int = 3) -> tuple[list[bytes], list[bool]]:
+    rng = np.random.default_rng(5)
+    images = [cv2.imencode(".jpg", rng.integers(0, 255, (12, 12, 3), np.uint8))[1].tobytes()
+              for _ in range(2 * pairs)]  # fmt: skip
+    issame = [k % 2 == 0 for k in range(pairs)]
+    stored = [images[0], np.frombuffer(images[1], np.uint8), *images[2:]]  # one as an array
+    path.write_bytes(pickle.dumps((stored, issame), protocol=2))
+    return images, issame
+
+
+def test_verification_bin_export_and_info(tmp_path: Path) -> None:
+    images, issame = _verification_bin(tmp_path / "lfw.bin")
+    res = run_gpurec("info", tmp_path / "lfw.bin")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("3 pairs (2 same, 1 different), 6 images")
+    res = run_gpurec("export", tmp_path / "lfw.bin", tmp_path / "lfw", "--format", "folder")
+    assert res.returncode == 0, res.stderr
+    assert "3 pairs, 6 images" in res.stdout
+    lines = (tmp_path / "lfw" / "pairs.tsv").read_text().splitlines()
+    assert lines[0] == "first\tsecond\tsame" and len(lines) == 4
+    for k, line in enumerate(lines[1:]):
+        first, second, same = line.split("\t")
+        assert (tmp_path / "lfw" / first).read_bytes() == images[2 * k]
+        assert (tmp_path / "lfw" / second).read_bytes() == images[2 * k + 1]
+        assert same == str(int(issame[k]))
+
+
+def test_a_bin_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(([Evil(), b"x"], [True])))
+    res = run_gpurec("info", tmp_path / "evil.bin")
+    assert res.returncode == 2 and "owned" not in res.stdout
+    assert "refused" in res.stderr and "builtins.print" in res.stderr
+
+
+# -------------------------------------------------- class names from an im2rec .lst
+
+
+def test_im2rec_pack_without_classes_json_gets_names_from_its_lst(
+    tmp_path: Path,
+) -> None:
+    """An im2rec-made pack has no classes.json: ``info``, ``show`` and export name the
+    classes from the .lst's folders. ``show``'s grid is the same picture as with a
+    classes.json of those names, and differs from one captioned with numbers."""
+    color_tree(tmp_path / "img", per_class=4)
+    assert run_gpurec("im2rec", tmp_path / "pets", tmp_path / "img", "--list",
+                      "--recursive", "--no-shuffle").returncode == 0  # fmt: skip
+    res = run_gpurec("im2rec", tmp_path / "pets", tmp_path / "img", "--resize", "32")
+    assert res.returncode == 0, res.stderr
+    assert not list(tmp_path.glob("*.classes.json"))
+    info = json.loads(run_gpurec("info", tmp_path / "pets.rec", "--json").stdout)
+    assert info["classes"] == ["a", "b", "c"] and info["labels"] == {"a": 4, "b": 4, "c": 4}
+    args = ["show", tmp_path / "pets.rec", "-n", "6", "-o"]
+    assert run_gpurec(*args, tmp_path / "from_lst.png").returncode == 0
+    (tmp_path / "pets.classes.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    assert run_gpurec(*args, tmp_path / "from_json.png").returncode == 0
+    (tmp_path / "pets.classes.json").write_text(json.dumps({"classes": ["0", "1", "2"]}))
+    assert run_gpurec(*args, tmp_path / "numbers.png").returncode == 0
+    from_lst = cv2.imread(str(tmp_path / "from_lst.png"))
+    assert np.array_equal(from_lst, cv2.imread(str(tmp_path / "from_json.png")))
+    assert not np.array_equal(from_lst, cv2.imread(str(tmp_path / "numbers.png")))
+    (tmp_path / "pets.classes.json").unlink()
+    export(tmp_path / "pets.rec", tmp_path / "dir", format="folder")
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir() if p.is_dir()) == ["a", "b", "c"]
+    assert (tmp_path / "dir" / "b" / "b_2.jpg").is_file()
+
+
+def test_tar_headers_are_tarfiles_own() -> None:
+    """The fast ustar headers are byte for byte what tarfile writes (long names go
+    through tarfile itself)."""
+    from gpurec.formats.webdataset import ustar_header
+
+    for name, size in (("000001.jpg", 78123), ("a/b/c.json", 0), ("x" * 100, 5), ("é.png", 512)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8")
+    long = "k" * 150 + ".jpg"
+    with tarfile.open(fileobj=io.BytesIO(ustar_header(long, 0) + bytes(1024))) as tar:
+        assert tar.getnames() == [long]
+
+
+def test_pack_from_parquet_with_string_labels_and_a_bare_binary_column(tmp_path: Path) -> None:
+    """A parquet file of no particular writer: a binary image column and string labels
+    (classes in sorted order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpgs = [cv2.imencode(".jpg", np.full((10, 10, 3), 40 * k, np.uint8))[1].tobytes()
+            for k in range(4)]  # fmt: skip
+    names = ["zebra", "ant", "zebra", "mole"]
+    table = pa.table({"img": pa.array(jpgs, pa.binary()), "label": names})
+    pq.write_table(table, tmp_path / "animals.parquet")
+    summary = pack(tmp_path / "animals.parquet", tmp_path / "out", pass_through=True, workers=1)
+    assert summary.classes == ["ant", "mole", "zebra"] and summary.images == 4
+    number = {"ant": 0.0, "mole": 1.0, "zebra": 2.0}
+    want = Counter((sha(b), (number[n],)) for b, n in zip(jpgs, names, strict=True))
+    assert records_of(tmp_path / "out.rec") == want
+
+
+def test_an_image_tree_with_an_archive_beside_it_is_packed_as_a_tree(tmp_path: Path) -> None:
+    root = color_tree(tmp_path / "img", per_class=2)
+    with tarfile.open(root / "backup.tar", "w") as tar:
+        tar.add(root / "a", arcname="a")
+    summary = pack(root, tmp_path / "out", pass_through=True, workers=1)
+    assert summary.images == 6 and summary.classes == ["a", "b", "c"]
+
+
+def test_sample_json_is_json_dumps() -> None:
+    """The hand-formatted sample json is json.dumps' own text (sorted keys, non-ASCII
+    and quotes as json writes them)."""
+    from gpurec.formats import Record
+    from gpurec.formats.webdataset import sample_json
+
+    fields = {"id": 7, "id2": 0, "flag": 0, "source": "x.rec", "record": "record 5"}
+    for labels, name, cls in (((1.0,), 'ca"t_é.jpg', "cat\t1"), ((0.0, 2.5), "a.png", None)):
+        record = Record(b"", labels, name, "000001", dict(fields, flag=len(labels) - 1))
+        want = {**record.fields, "name": name, "label": list(labels) if len(labels) > 1
+                else labels[0]}  # fmt: skip
+        if cls is not None:
+            want["class"] = cls
+        assert sample_json(record, cls) == json.dumps(want, ensure_ascii=False,
+                                                      sort_keys=True).encode()  # fmt: skip
+
+
+def test_ray_pack_from_webdataset_writes_the_bytes_of_a_local_pack(packed: Path, tmp_path) -> None:
+    """The tars' root travels to Ray tasks with its index (and an absolute path)."""
+    ray = pytest.importorskip("ray")
+    export(packed, tmp_path / "wds", format="webdataset", max_samples=8)
+    local = pack(tmp_path / "wds", tmp_path / "local" / "ds", shards=2, resize=20, workers=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = pack(tmp_path / "wds", tmp_path / "ray" / "ds", shards=2, resize=20,
+                      executor="ray")  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert remote.images == local.images == 21
+    for rec in shards(tmp_path / "local" / "ds"):
+        assert (tmp_path / "ray" / rec.name).read_bytes() == rec.read_bytes()
