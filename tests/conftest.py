@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell without job control starts a background command (`make test &` in a script)
+# with SIGINT ignored, and every process it starts inherits that: the packs that the
+# Ctrl-C tests interrupt would then run to the end. The tests' own process takes
+# Python's handler back, so the processes it starts get the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _DEFAULT_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
