@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,47 @@ def golden() -> Path:
 @pytest.fixture(scope="session")
 def expected(golden: Path) -> dict:
     return json.loads((golden / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def face(golden: Path) -> Path:
+    """MXNet's InsightFace-layout file (``train.rec``/``.idx``, a header record, identity
+    records), with its ``expected.json``."""
+    return golden / "insightface"
+
+
+@pytest.fixture(scope="module")
+def face_expected(face: Path) -> dict:
+    return json.loads((face / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """A real S3 API on 127.0.0.1 (moto's server), one per test module."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_client(endpoint: str, monkeypatch):
+    """A boto3 client of the module's moto server; AWS_* point every client (and every
+    subprocess) at it. fsspec keeps filesystems by their arguments, not by
+    AWS_ENDPOINT_URL, so its cache is cleared on the way in and out: a filesystem of one
+    module's server must not serve another module's tests."""
+    pytest.importorskip("s3fs")
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield boto3.client("s3")
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -86,3 +86,10 @@ def coordinate_image(size: int = 256):
     img[..., 2] = ramp[None, :]
     img[..., 1] = ramp[:, None]
     return img
+
+
+def empty_bucket(client, bucket: str) -> None:
+    """Delete every object of ``bucket`` (a boto3 client's), so it can be deleted."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=obj["Key"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import color_tree, run_gpurec, write_records
+from helpers import color_tree, empty_bucket, run_gpurec, write_records
 
 from gpurec.dataset import Dataset
 from gpurec.export import export
@@ -313,39 +313,12 @@ def test_pack_from_webdataset_with_resize_and_bad_samples(packed: Path, tmp_path
 # ------------------------------------------------------------------- object storage
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    from moto import server as moto_server
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def bucket(endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    import boto3
-    import s3fs
-
-    # fsspec keeps filesystems by their arguments, not by AWS_ENDPOINT_URL: one made here
-    # must not outlive this module's server (another module's tests would reuse it)
-    s3fs.S3FileSystem.clear_instance_cache()
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="formats")
-    yield client
-    s3fs.S3FileSystem.clear_instance_cache()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket="formats"):
-        for obj in page.get("Contents", []):
-            client.delete_object(Bucket="formats", Key=obj["Key"])
-    client.delete_bucket(Bucket="formats")
+def bucket(s3_client):
+    s3_client.create_bucket(Bucket="formats")
+    yield s3_client
+    empty_bucket(s3_client, "formats")
+    s3_client.delete_bucket(Bucket="formats")
 
 
 def test_export_from_s3(packed: Path, tmp_path: Path, bucket, monkeypatch) -> None:

@@ -22,16 +22,6 @@ from gpurec.recordio import pack as pack_record
 BACKENDS = ["cpu", "dali"]
 
 
-@pytest.fixture(scope="module")
-def face(golden: Path) -> Path:
-    return golden / "insightface"
-
-
-@pytest.fixture(scope="module")
-def face_expected(face: Path) -> dict:
-    return json.loads((face / "expected.json").read_text())
-
-
 @pytest.fixture()
 def shuffled(face: Path, tmp_path: Path) -> Path:
     """A writable copy of the golden index-less file."""

@@ -15,7 +15,6 @@ dataset is made in the parent and inherited (fork) or pickled (spawn), as DataLo
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import numbers
 import os
@@ -63,16 +62,6 @@ class MXFaceDataset(Dataset):
         return len(self.imgidx)
 
 
-@pytest.fixture(scope="module")
-def face(golden: Path) -> Path:
-    return golden / "insightface"
-
-
-@pytest.fixture(scope="module")
-def want(face: Path) -> dict:
-    return json.loads((face / "expected.json").read_text())
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -83,14 +72,16 @@ def summary(sample: np.ndarray, label) -> tuple[str, float, int, tuple]:
     return sha(sample.tobytes()), float(sample.mean()), int(label), sample.shape
 
 
-def test_keys_labels_payloads_and_pixels_match_mxnet(face: Path, want: dict) -> None:
+def test_keys_labels_payloads_and_pixels_match_mxnet(face: Path, face_expected: dict) -> None:
     ds = MXFaceDataset(str(face), 0)
-    assert ds.header0 == tuple(want["header0"]["label"]) == (13, 16)
-    assert ds.imgidx.tolist() == list(range(1, 13)) == sorted(int(k) for k in want["images"])
+    assert ds.header0 == tuple(face_expected["header0"]["label"]) == (13, 16)
+    assert (
+        ds.imgidx.tolist() == list(range(1, 13)) == sorted(int(k) for k in face_expected["images"])
+    )
     assert len(ds) == 12
     exact = 0
     for index, key in enumerate(ds.imgidx.tolist()):
-        image = want["images"][str(key)]
+        image = face_expected["images"][str(key)]
         header, payload = mx.recordio.unpack(ds.imgrec.read_idx(key))
         assert sha(payload) == image["payload_sha256"] and header.id == image["id"]
         sample, label = ds[index]
@@ -104,12 +95,12 @@ def test_keys_labels_payloads_and_pixels_match_mxnet(face: Path, want: dict) -> 
     assert exact >= 6
 
 
-def test_identity_records(face: Path, want: dict) -> None:
+def test_identity_records(face: Path, face_expected: dict) -> None:
     ds = MXFaceDataset(str(face), 0)
     lo, hi = ds.header0
     for key in range(lo, hi):
         header, payload = mx.recordio.unpack(ds.imgrec.read_idx(key))
-        assert payload == b"" and header.label.tolist() == want["identities"][str(key)]
+        assert payload == b"" and header.label.tolist() == face_expected["identities"][str(key)]
 
 
 # -------------------------------------------------------------- in worker processes
@@ -148,7 +139,7 @@ def test_multiprocessing_workers_read_what_the_parent_reads(face: Path, method: 
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_torch_dataloader_workers(face: Path, want: dict, method: str) -> None:
+def test_torch_dataloader_workers(face: Path, face_expected: dict, method: str) -> None:
     ds = MXFaceDataset(str(face), 0)
     parent = _parent_view(ds)
     loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=2,
@@ -158,4 +149,4 @@ def test_torch_dataloader_workers(face: Path, want: dict, method: str) -> None:
         assert labels.dtype == torch.long
         got += [summary(s.numpy(), lab) for s, lab in zip(samples, labels, strict=True)]
     assert got == parent
-    assert [g[2] for g in got] == [want["images"][str(k)]["label"] for k in range(1, 13)]
+    assert [g[2] for g in got] == [face_expected["images"][str(k)]["label"] for k in range(1, 13)]

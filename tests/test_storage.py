@@ -15,41 +15,21 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from helpers import color_tree, run_gpurec
+from helpers import color_tree, empty_bucket, run_gpurec
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 BUCKET = "gpurec-test"
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3(endpoint, monkeypatch):
-    """A fresh bucket on the moto server; AWS_* point every client (and subprocess) at it."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for obj in page.get("Contents", []):
-            client.delete_object(Bucket=BUCKET, Key=obj["Key"])
-    client.delete_bucket(Bucket=BUCKET)
+def s3(s3_client):
+    """A fresh bucket on the module's moto server."""
+    s3_client.create_bucket(Bucket=BUCKET)
+    yield s3_client
+    empty_bucket(s3_client, BUCKET)
+    s3_client.delete_bucket(Bucket=BUCKET)
 
 
 def keys(client, prefix: str = "") -> dict[str, bytes]:

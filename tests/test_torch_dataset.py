@@ -10,7 +10,6 @@ torchvision does not import beside the CPU build of torch: transforms are writte
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import shutil
 from pathlib import Path
@@ -29,16 +28,6 @@ from tests.helpers import color_tree, label_from_pixels
 METHODS = ["fork", "spawn"]
 
 
-@pytest.fixture(scope="module")
-def face(golden: Path) -> Path:
-    return golden / "insightface"
-
-
-@pytest.fixture(scope="module")
-def want(face: Path) -> dict:
-    return json.loads((face / "expected.json").read_text())
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """torchvision's ToTensor without torchvision: CHW float32 in [0, 1]."""
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
@@ -52,13 +41,13 @@ def pixels_sha(image) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(image)).tobytes()).hexdigest()
 
 
-def test_insightface_items_are_the_images_not_the_header_or_identities(face, want) -> None:
+def test_insightface_items_are_the_images_not_the_header_or_identities(face, face_expected) -> None:
     ds = RecordDataset(face / "train.rec")
     assert len(ds) == 12  # keys 1..12; key 0 and the 3 identity records are not items
     exact = 0
     for i, key in enumerate(range(1, 13)):
         image, label = ds[i]
-        ref = want["images"][str(key)]
+        ref = face_expected["images"][str(key)]
         assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (112, 112)
         assert type(label) is int and label == ref["label"]
         assert abs(float(np.asarray(image).mean()) - ref["imdecode_rgb_mean"]) < 0.5
@@ -69,17 +58,17 @@ def test_insightface_items_are_the_images_not_the_header_or_identities(face, wan
         ds[12]
 
 
-def test_numpy_option_and_file_without_idx(face, want, tmp_path) -> None:
+def test_numpy_option_and_file_without_idx(face, face_expected, tmp_path) -> None:
     shutil.copy(face / "shuffled.rec", tmp_path / "shuffled.rec")  # no .idx beside it
     ds = RecordDataset(tmp_path / "shuffled.rec", image="numpy")
     indexed = RecordDataset(face / "train.rec", image="numpy")
     assert len(ds) == 12
     by_key = {k: indexed[k - 1][0] for k in range(1, 13)}
-    for i, key in enumerate(want["shuffled_order"]):
+    for i, key in enumerate(face_expected["shuffled_order"]):
         pixels, label = ds[i]
         assert pixels.dtype == np.uint8 and pixels.shape == (112, 112, 3)
         np.testing.assert_array_equal(pixels, by_key[key])
-        assert label == want["images"][str(key)]["label"]
+        assert label == face_expected["images"][str(key)]["label"]
 
 
 def test_cut_short_file_raises_or_keeps_its_intact_records(face, tmp_path) -> None:
