@@ -39,6 +39,7 @@ import numpy as np
 
 from gpurec.dataset import Dataset, resolve_source
 from gpurec.formats import FORMATS, Record, class_names, extension
+from gpurec.formats.folder import folder_for, folder_names
 from gpurec.naming import dataset_stem
 from gpurec.recordio import IR_SIZE, RecordIOError, atomic_write, read_lst, unpack_view
 from gpurec.storage import Publisher, filesystem, is_url, local_path, staging_dir
@@ -102,13 +103,16 @@ class Destination:
         self._pending: dict[str, bytes] = {}
 
     def name(self, rel: str) -> str:
+        """The full name of ``rel``; ValueError for one that is not a plain relative
+        path (``../x``, ``/x``, ``a//b``), local or at a URL alike: nothing is written
+        outside the destination."""
+        parts = rel.split("/")
+        if rel.startswith("/") or ".." in parts or "" in parts or "." in parts or "\0" in rel:
+            raise ValueError(f"refused output path {rel!r}: not under the destination")
         return f"{self.url}/{rel}" if self.url else str(self.root / rel)
 
     def _local(self, rel: str) -> Path:
-        parts = rel.split("/")
-        if rel.startswith("/") or ".." in parts or "" in parts:
-            raise ValueError(f"refused output path {rel!r}: not under the destination")
-        path = self.root / rel
+        path = Path(self.name(rel))
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent)
@@ -120,6 +124,7 @@ class Destination:
             with atomic_write(self._local(rel), sync=True) as f:  # a tar, a parquet file
                 write(f)
             return self.name(rel)
+        self.name(rel)  # refused before anything is written
         stage = staging_dir()
         try:
             local = stage / rel.rsplit("/", 1)[-1]
@@ -158,6 +163,7 @@ class Destination:
                     os.unlink(tmp)
                 raise
         else:
+            self.name(rel)  # checked now, sent by flush
             self._pending[rel] = bytes(data)
 
     def flush(self) -> None:
@@ -226,6 +232,33 @@ def _chunks(sizes: np.ndarray, max_samples: int, max_bytes: int) -> list[tuple[i
     return out
 
 
+def _lst_names(rec: Path) -> Iterator[tuple[int, float, str]]:
+    """(IRHeader id, first label, file name without extension) of each line of the
+    `.lst` beside a shard; nothing when there is none or it cannot be read."""
+    lst = Path(rec).with_suffix(".lst")
+    if not lst.is_file():
+        return
+    with contextlib.suppress(RecordIOError, OSError, UnicodeDecodeError):
+        entries = list(read_lst(lst, []))
+        for e in entries:
+            name = e.path.replace("\\", "/").rsplit("/", 1)[-1]
+            yield e.index, (e.labels[0] if e.labels else 0.0), os.path.splitext(name)[0]
+
+
+def _repeated_names(dataset: Dataset, folders: list[str]) -> frozenset[tuple[str, str]]:
+    """The (class folder, `.lst` name) pairs that more than one record of the whole
+    export would take, over all its shards (two packs of trees with the same file
+    names, an oversampled `.lst`): those records' files get their sample number in
+    front, so that no image overwrites another in a folder export. One pass over the
+    `.lst` files, in the coordinator, before any worker starts."""
+    seen: Counter = Counter(
+        (folder_for(label, folders), stem)
+        for shard in dataset.shards
+        for _, label, stem in _lst_names(shard.path)
+    )
+    return frozenset(key for key, n in seen.items() if n > 1)
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -245,30 +278,20 @@ class _Exporter:
     """One process's view of an export: the dataset (opened once), the destination,
     and how records become :class:`Record` s."""
 
-    def __init__(self, recs, fmt, dest, storage_options, names, spec, on_error, width):
+    def __init__(self, recs, fmt, dest, storage_options, names, spec, on_error, width, repeated):
         self.dataset = Dataset(recs, on_error="skip")
         self.fmt, self.names, self.spec, self.on_error = fmt, names, spec, on_error
         self.dest = Destination(dest, storage_options)
         self.width = width
+        self.folders = folder_names(names) if names is not None else []
+        self.repeated: frozenset[tuple[str, str]] = repeated
         self._lst_names: dict[int, dict[int, str]] = {}
 
     def _names_of(self, shard: int) -> dict[int, str]:
-        """File names (without extension) by IRHeader id, from the shard's `.lst`; a
-        name that repeats within one class gets its id in front."""
+        """File names (without extension) by IRHeader id, from the shard's `.lst`."""
         if shard not in self._lst_names:
-            lst = self.dataset.shards[shard].path.with_suffix(".lst")
-            names: dict[int, str] = {}
-            if lst.is_file():
-                with contextlib.suppress(RecordIOError, OSError, UnicodeDecodeError):
-                    entries = list(read_lst(lst, []))
-                    stems = {e.index: os.path.splitext(e.path.rsplit("/", 1)[-1])[0]
-                             for e in entries}  # fmt: skip
-                    seen = Counter((e.labels[:1], stems[e.index]) for e in entries)
-                    for e in entries:
-                        stem = stems[e.index]
-                        unique = seen[(e.labels[:1], stem)] == 1
-                        names[e.index] = stem if unique else f"{e.index}_{stem}"
-            self._lst_names[shard] = names
+            path = self.dataset.shards[shard].path
+            self._lst_names[shard] = {i: stem for i, _, stem in _lst_names(path)}
         return self._lst_names[shard]
 
     def records(self, start: int, stop: int, done: _Done) -> Iterator[Record]:
@@ -289,7 +312,11 @@ class _Exporter:
             shard = dataset.locate(i)[0]
             labels = tuple(float(x) for x in np.atleast_1d(header.label).tolist()) or (0.0,)
             key = f"{i:0{self.width}d}"
-            stem = self._names_of(shard).get(header.id, key)
+            stem = self._names_of(shard).get(header.id)
+            if stem is None:
+                stem = key
+            elif (folder_for(labels[0], self.folders), stem) in self.repeated:
+                stem = f"{key}_{stem}"  # a name another record of its class has too
             fields = {"id": int(header.id), "id2": int(header.id2), "flag": int(header.flag),
                       "source": dataset.shards[shard].path.name,
                       "record": dataset.name(i)}  # fmt: skip
@@ -303,7 +330,7 @@ class _Exporter:
         if self.fmt == "folder":
             from gpurec.formats.folder import write_folder
 
-            done.lst = write_folder(records, self.dest.put, self.names or [])
+            done.lst = write_folder(records, self.dest.put, self.folders)
             self.dest.flush()
             return done
         if self.fmt == "webdataset":
@@ -406,6 +433,7 @@ def export(
         classes = find_classes(recs[0])
         names = class_names(classes, labels.top) if labels.whole else None
         width = max(6, len(str(len(dataset) - 1)))
+        repeated = _repeated_names(dataset, folder_names(names) if names is not None else [])
         if format == "folder":
             ranges = [(s, min(s + FOLDER_CHUNK, len(dataset)))
                       for s in range(0, len(dataset), FOLDER_CHUNK)]  # fmt: skip
@@ -426,7 +454,7 @@ def export(
         from gpurec.formats.parquet import LabelSpec
 
         spec = LabelSpec(names, labels.width)
-    args = (recs, format, dest_text, storage_options, names, spec, on_error, width)
+    args = (recs, format, dest_text, storage_options, names, spec, on_error, width, repeated)
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     lst_lines: list[str] = []
     destination = Destination(dest_text, storage_options)

@@ -500,3 +500,87 @@ def test_ray_pack_from_webdataset_writes_the_bytes_of_a_local_pack(packed: Path,
     assert remote.images == local.images == 21
     for rec in shards(tmp_path / "local" / "ds"):
         assert (tmp_path / "ray" / rec.name).read_bytes() == rec.read_bytes()
+
+
+# ------------------------------------------------- folder names that must not collide
+
+
+def _two_packs_with_the_same_file_names(tmp_path: Path) -> Path:
+    """Two packs of trees whose files have the same names (a/0.jpg ... in both), the
+    images different; their shards side by side."""
+    for seed, name in ((1, "x"), (2, "y")):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for k in range(2):
+                img = np.full((8, 8, 3), 40 * seed + 10 * k + 5 * (c == "b"), np.uint8)
+                cv2.imwrite(str(tmp_path / name / c / f"{k}.jpg"), img)
+        pack(tmp_path / name, tmp_path / "out" / name, pass_through=True, workers=1)
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_folder_export_of_shards_whose_lst_names_repeat_keeps_every_image(
+    tmp_path: Path, workers: int
+) -> None:
+    """Two shards whose .lst both name a/0.jpg: each image gets a file of its own (the
+    repeated names get the sample number in front), none overwrites another, and the
+    folder packs back to the same (bytes, label) multiset."""
+    out = _two_packs_with_the_same_file_names(tmp_path)
+    recs = sorted(out.glob("*.rec"))
+    summary = export(str(out / "*.rec"), tmp_path / "dir", format="folder", workers=workers)
+    assert summary.images == 8
+    files = sorted(p.relative_to(tmp_path / "dir").as_posix()
+                   for p in (tmp_path / "dir").rglob("*.jpg"))  # fmt: skip
+    assert len(files) == 8
+    assert sorted(f.split("_", 1)[1] for f in files if f.startswith("a/")) == ["0.jpg"] * 2 + [
+        "1.jpg"] * 2  # fmt: skip
+    listed = list(read_lst(tmp_path / "dir" / "export.lst"))
+    assert sorted(e.path for e in listed) == files
+    assert all(e.path.split("/")[1].startswith(f"{e.index:06d}_") for e in listed)
+    back = pack(tmp_path / "dir", tmp_path / "back", pass_through=True, workers=1)
+    assert back.images == 8 and not back.skipped
+    assert records_of(tmp_path / "back.rec") == records_of(recs)
+
+
+def test_folder_names_read_back_as_the_labels(packed: Path, tmp_path: Path) -> None:
+    """Class names that a sorted folder listing would number otherwise (not in sorted
+    order, repeated, or a path out of the destination) become ``<label>_<name>``
+    folders: ImageFolder's numbering (sorted folders) and ``gpurec pack DEST`` give the
+    records' labels back, no two classes share a folder, nothing lands outside DEST."""
+    src = tmp_path / "src"
+    shutil.copytree(packed.parent, src)
+    want = Counter({(h, lab[0]): n for (h, lab), n in records_of(shards(packed)).items()})
+    for names in (["zeta", "alpha", "mid"], ["crane", "crane", "kite"], ["../../evil", "b", "c"]):
+        (src / "ds.classes.json").write_text(json.dumps({"classes": names}))
+        dest = tmp_path / "dir" / str(len(list((tmp_path).glob("dir/*"))))
+        export(src / "ds", dest, format="folder", workers=1)
+        folders = sorted(p.name for p in dest.iterdir() if p.is_dir())
+        assert folders == [f"{k}_{n.replace('/', '_')}" for k, n in enumerate(names)]
+        seen = Counter()
+        for label, folder in enumerate(folders):  # ImageFolder: sorted folders are 0..K-1
+            for path in (dest / folder).iterdir():
+                seen[(sha(path.read_bytes()), float(label))] += 1
+        assert seen == want, names
+        assert json.loads((dest / "classes.json").read_text())["classes"] == names
+        back = pack(dest, tmp_path / "back" / dest.name, pass_through=True, workers=1)
+        assert back.classes == folders
+        assert records_of(shards(tmp_path / "back" / dest.name)) == records_of(shards(packed))
+    assert not list(tmp_path.rglob("evil"))
+    # names a sorted listing numbers as the labels stay as they are
+    (src / "ds.classes.json").write_text(json.dumps({"classes": ["ant", "bee", "cow"]}))
+    export(src / "ds", tmp_path / "plain", format="folder", workers=1)
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir() if p.is_dir()) == [
+        "ant", "bee", "cow"]  # fmt: skip
+
+
+def test_no_output_path_outside_the_destination_local_or_url(tmp_path: Path) -> None:
+    from gpurec.export import Destination
+
+    for dest in (Destination(str(tmp_path / "d")), Destination("s3://bucket/d")):
+        for rel in ("../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "a//x.jpg", "./x.jpg"):
+            with pytest.raises(ValueError, match="not under the destination"):
+                dest.put(rel, b"data")
+            with pytest.raises(ValueError, match="not under the destination"):
+                dest.write(rel, lambda f: f.write(b"data"))
+        assert dest.name("a/b.jpg").endswith("/d/a/b.jpg")
+    assert not list(tmp_path.rglob("x.jpg"))
