@@ -584,3 +584,49 @@ def test_no_output_path_outside_the_destination_local_or_url(tmp_path: Path) -> 
                 dest.write(rel, lambda f: f.write(b"data"))
         assert dest.name("a/b.jpg").endswith("/d/a/b.jpg")
     assert not list(tmp_path.rglob("x.jpg"))
+
+
+# ------------------------------------------ pack from files or samples named alike
+
+
+def test_pack_from_tars_and_parquet_files_of_one_name_in_two_folders(tmp_path: Path) -> None:
+    """``train/ds-00000-of-00001.tar`` and ``val/ds-00000-of-00001.tar`` under one glob
+    (an export of two splits names its files alike, and its keys too): every sample
+    keeps its own image (they were named by the file's base name and key, and the
+    second file's images were read for the first's), and likewise for parquet."""
+    src = tmp_path / "src"
+    want: Counter = Counter()
+    for split, shade in (("train", 30), ("val", 200)):
+        (src / split).mkdir(parents=True)
+        images = [np.full((8, 8, 3), shade + 9 * k, np.uint8) for k in range(3)]
+        rec = write_records(src / split / "ds.rec", images, [float(k) for k in range(3)])
+        want += records_of(rec)
+        export(rec, tmp_path / "wds" / split, format="webdataset", workers=1)
+        export(rec, tmp_path / "pq" / split, format="parquet", workers=1)
+    assert (tmp_path / "wds" / "val" / "ds-00000-of-00001.tar").exists()
+    for fmt, suffix in (("wds", "tar"), ("pq", "parquet")):
+        out = tmp_path / "back" / fmt
+        summary = pack(str(tmp_path / fmt / "*" / f"*.{suffix}"), out, pass_through=True,
+                       workers=1)  # fmt: skip
+        assert summary.images == 6 and not summary.skipped, fmt
+        assert records_of(out.with_suffix(".rec")) == want, fmt
+        listed = [e.path for e in read_lst(out.with_suffix(".lst"))]
+        assert any(p.startswith("train/ds-00000-of-00001") for p in listed), listed
+
+
+def test_a_tar_key_that_repeats_is_skipped_not_read_for_the_other(tmp_path: Path) -> None:
+    """WebDataset's reader makes two samples of a key that comes back after another
+    key; they were listed under one name, both reading the second's image."""
+    jpgs = [cv2.imencode(".jpg", np.full((8, 8, 3), 60 * k, np.uint8))[1].tobytes()
+            for k in range(3)]  # fmt: skip
+    with tarfile.open(tmp_path / "rep.tar", "w") as tar:
+        for k, key in enumerate(("a", "b", "a")):
+            for ext, data in (("jpg", jpgs[k]), ("cls", str(k).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    summary = pack(tmp_path / "rep.tar", tmp_path / "out", pass_through=True, workers=1)
+    assert summary.images == 2
+    assert summary.skipped == [("rep.tar/a.jpg", "key repeats an earlier sample's in this tar")]
+    assert records_of(tmp_path / "out.rec") == Counter({(sha(jpgs[0]), (0.0,)): 1,
+                                                        (sha(jpgs[1]), (1.0,)): 1})  # fmt: skip

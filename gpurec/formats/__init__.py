@@ -16,6 +16,7 @@ Each format module imports its third-party library (pyarrow) only when used, so
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -225,6 +226,18 @@ def _safe_glob(fs, path: str) -> Iterator[str]:
         yield from fs.glob(f"{path}/data/**/*.parquet")
     except OSError:
         return
+
+
+def short_names(paths: list[str]) -> dict[str, str]:
+    """A name for each of a root's files that no other of them has, to name its samples
+    by (``<name>/<key>``): the base name, or, where two files share one (``train/x.tar``
+    and ``val/x.tar`` under one glob), every file's path below their common folder;
+    samples named alike would read one another's images."""
+    bases = [p.rsplit("/", 1)[-1] for p in paths]
+    if len(set(bases)) == len(bases):
+        return dict(zip(paths, bases, strict=True))
+    common = posixpath.commonpath([p.rsplit("/", 1)[0] for p in paths])
+    return {p: p[len(common) :].lstrip("/") for p in paths}
 
 
 def files_of(root, suffix: str) -> list[str]:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gpurec.formats import FilesRoot, Record, absolute, extension, files_of
+from gpurec.formats import FilesRoot, Record, absolute, extension, files_of, short_names
 from gpurec.listing import Listing
 from gpurec.recordio import ListEntry
 from gpurec.storage import RemoteRoot
@@ -184,6 +184,7 @@ class ParquetRoot(FilesRoot, RemoteRoot):
         pa, pq = _pyarrow()
         # in $TMPDIR: it holds every image once, so point TMPDIR at a disk with room
         fd, self._spool = tempfile.mkstemp(prefix="gpurec-parquet-", suffix=".spool")
+        self._where = {}
         weakref.finalize(self, _remove, self._spool)
         entries: list[ListEntry] = []
         skipped: list[tuple[str, str]] = []
@@ -191,8 +192,7 @@ class ParquetRoot(FilesRoot, RemoteRoot):
         strings: list[tuple[int, str]] = []  # entries labelled by a string column
         at = 0
         with os.fdopen(fd, "wb") as spool:
-            for path in files_of(self, ".parquet"):
-                file_name = path.rsplit("/", 1)[-1]
+            for path, file_name in short_names(files_of(self, ".parquet")).items():
                 with self.fs.open(path, "rb") as f:
                     try:
                         pf = pq.ParquetFile(f)

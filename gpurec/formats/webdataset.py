@@ -22,7 +22,7 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
-from gpurec.formats import IMAGE_KEYS, FilesRoot, Record, absolute, files_of
+from gpurec.formats import IMAGE_KEYS, FilesRoot, Record, absolute, files_of, short_names
 from gpurec.listing import Listing
 from gpurec.recordio import ListEntry, write_all
 from gpurec.storage import RemoteRoot
@@ -202,8 +202,9 @@ class TarRoot(FilesRoot, RemoteRoot):
         entries: list[ListEntry] = []
         skipped: list[tuple[str, str]] = []
         seen_names: dict[int, str] = {}
-        for path in files_of(self, ".tar"):
-            tar_name = path.rsplit("/", 1)[-1]
+        self._where = {}
+        tars = files_of(self, ".tar")
+        for path, tar_name in short_names(tars).items():
             for key, members, problem in _samples(fs, path):
                 rel = f"{tar_name}/{key}"
                 if problem is not None:
@@ -227,6 +228,9 @@ class TarRoot(FilesRoot, RemoteRoot):
                     continue
                 ext = image[0]
                 rel = f"{rel}.{ext}"
+                if rel in self._where:  # WebDataset's reader: another sample, same key
+                    skipped.append((rel, "key repeats an earlier sample's in this tar"))
+                    continue
                 self._where[rel] = (path, image[1], image[2])
                 entries.append(ListEntry(len(entries), labels, rel))
                 if name is not None and labels[0].is_integer():
