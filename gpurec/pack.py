@@ -349,6 +349,8 @@ def pack(
         ok = True
     finally:
         outputs.close(ok)
+        if hasattr(source, "release"):  # a parquet root's spool file
+            source.release()
     summary.seconds = time.perf_counter() - start
     return summary
 

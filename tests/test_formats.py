@@ -630,3 +630,40 @@ def test_a_tar_key_that_repeats_is_skipped_not_read_for_the_other(tmp_path: Path
     assert summary.skipped == [("rep.tar/a.jpg", "key repeats an earlier sample's in this tar")]
     assert records_of(tmp_path / "out.rec") == Counter({(sha(jpgs[0]), (0.0,)): 1,
                                                         (sha(jpgs[1]), (1.0,)): 1})  # fmt: skip
+
+
+def test_the_parquet_spool_is_removed_when_a_pack_ends_or_fails(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The spool holds a copy of every image: it goes as the pack ends, and as a pack
+    that fails ends, not when the failure's traceback is dropped (in a notebook: never)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
+    jpgs = [cv2.imencode(".jpg", np.full((10, 10, 3), 40 * k, np.uint8))[1].tobytes()
+            for k in range(4)]  # fmt: skip
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"img": pa.array(jpgs, pa.binary()), "label": [0, 1, 0, 1]}),
+                   tmp_path / "pq" / "a.parquet")  # fmt: skip
+    summary = pack(tmp_path / "pq", tmp_path / "out" / "ok", pass_through=True, workers=1)
+    assert summary.images == 4 and not list(spools.iterdir())
+    pq.write_table(pa.table({"img": pa.array(jpgs, pa.binary()), "what": [0, 1, 0, 1]}),
+                   tmp_path / "pq" / "b.parquet")  # fmt: skip
+    with pytest.raises(ValueError, match=r"b\.parquet: no label column") as failure:
+        pack(tmp_path / "pq", tmp_path / "out" / "bad", pass_through=True, workers=1)
+    assert failure.value is not None and not list(spools.iterdir())
+    from gpurec.formats.parquet import ParquetRoot
+
+    root = ParquetRoot(str(tmp_path / "pq" / "a.parquet"))
+    root.list_samples()
+    assert (
+        len(list(spools.iterdir())) == 1
+        and root.read_many(["a.parquet/00000000.jpg"], 1 << 20)[0] == jpgs[0]
+    )
+    root.release()
+    assert not list(spools.iterdir())

@@ -180,12 +180,21 @@ class ParquetRoot(FilesRoot, RemoteRoot):
     def list_samples(self) -> Listing:
         """Every row with image bytes, in file order, labelled from the ClassLabel
         column (or a ``label`` column; string labels become classes in sorted order);
-        rows without image bytes or a label are skipped with a reason."""
-        pa, pq = _pyarrow()
+        rows without image bytes or a label are skipped with a reason. The spool file
+        is removed at once when listing fails."""
+        _pyarrow()
         # in $TMPDIR: it holds every image once, so point TMPDIR at a disk with room
         fd, self._spool = tempfile.mkstemp(prefix="gpurec-parquet-", suffix=".spool")
         self._where = {}
         weakref.finalize(self, _remove, self._spool)
+        try:
+            return self._copy_into_spool(fd)
+        except BaseException:  # an error, Ctrl-C: the copy goes now, not when this root does
+            self.release()
+            raise
+
+    def _copy_into_spool(self, fd: int) -> Listing:
+        pa, pq = _pyarrow()
         entries: list[ListEntry] = []
         skipped: list[tuple[str, str]] = []
         names: list[str] | None = None
@@ -248,6 +257,17 @@ class ParquetRoot(FilesRoot, RemoteRoot):
         names = list(names or [])
         names += [str(k) for k in range(len(names), top + 1)]
         return Listing(entries, names, skipped)
+
+    def release(self) -> None:
+        """Remove the spool file now (``gpurec pack`` calls it when it ends, done or
+        not: an error's traceback would keep this root, and its copy of every image,
+        for as long as it is kept)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._spool is not None:
+            _remove(self._spool)
+            self._spool, self._where = None, {}
 
     def read_many(self, rels: Sequence[str], max_size: int) -> list[bytes | str]:
         if self._fd is None and self._spool is not None:
