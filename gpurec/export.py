@@ -24,12 +24,12 @@ file names from the `.lst` paths where known (else the sample's number).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -245,18 +245,31 @@ def _lst_names(rec: Path) -> Iterator[tuple[int, float, str]]:
             yield e.index, (e.labels[0] if e.labels else 0.0), os.path.splitext(name)[0]
 
 
-def _repeated_names(dataset: Dataset, folders: list[str]) -> frozenset[tuple[str, str]]:
-    """The (class folder, `.lst` name) pairs that more than one record of the whole
-    export would take, over all its shards (two packs of trees with the same file
-    names, an oversampled `.lst`): those records' files get their sample number in
-    front, so that no image overwrites another in a folder export. One pass over the
-    `.lst` files, in the coordinator, before any worker starts."""
-    seen: Counter = Counter(
-        (folder_for(label, folders), stem)
-        for shard in dataset.shards
-        for _, label, stem in _lst_names(shard.path)
-    )
-    return frozenset(key for key, n in seen.items() if n > 1)
+def _name_key(folder: str, stem: str) -> int:
+    """A stable 64-bit key of a file's (class folder, name): the same in every process
+    (str's hash() is not), 8 bytes a record in the coordinator's count."""
+    text = f"{folder}\0{stem}".encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _repeated_names(dataset: Dataset, folders: list[str]) -> frozenset[int]:
+    """The (class folder, `.lst` name) pairs (:func:`_name_key` s) that more than one
+    record of the whole export would take, over all its shards (two packs of trees with
+    the same file names, an oversampled `.lst`): those records' files get their sample
+    number in front, so that no image overwrites another in a folder export. One pass
+    over the `.lst` files, in the coordinator, before any worker starts; 8 bytes a
+    record (a key shared by chance only puts a number in front of a name)."""
+    keys = [
+        np.fromiter(
+            (_name_key(folder_for(label, folders), stem) for _, label, stem in _lst_names(s.path)),
+            np.uint64,
+        )
+        for s in dataset.shards
+    ]
+    if not keys:
+        return frozenset()
+    found, counts = np.unique(np.concatenate(keys), return_counts=True)
+    return frozenset(found[counts > 1].tolist())
 
 
 # --------------------------------------------------------------------------- workers
@@ -284,7 +297,7 @@ class _Exporter:
         self.dest = Destination(dest, storage_options)
         self.width = width
         self.folders = folder_names(names) if names is not None else []
-        self.repeated: frozenset[tuple[str, str]] = repeated
+        self.repeated: frozenset[int] = repeated
         self._lst_names: dict[int, dict[int, str]] = {}
 
     def _names_of(self, shard: int) -> dict[int, str]:
@@ -315,7 +328,7 @@ class _Exporter:
             stem = self._names_of(shard).get(header.id)
             if stem is None:
                 stem = key
-            elif (folder_for(labels[0], self.folders), stem) in self.repeated:
+            elif _name_key(folder_for(labels[0], self.folders), stem) in self.repeated:
                 stem = f"{key}_{stem}"  # a name another record of its class has too
             fields = {"id": int(header.id), "id2": int(header.id2), "flag": int(header.flag),
                       "source": dataset.shards[shard].path.name,
