@@ -148,8 +148,9 @@ class Destination:
             path = str(self._local(rel))
             folder, _, name = path.rpartition("/")
             tmp = f"{folder}/.{name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o666)
-            try:
+            fd = -1
+            try:  # the open too: a Ctrl-C handled as it returns left an empty .tmp behind
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o666)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]

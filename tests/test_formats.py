@@ -667,3 +667,27 @@ def test_the_parquet_spool_is_removed_when_a_pack_ends_or_fails(
     )
     root.release()
     assert not list(spools.iterdir())
+
+
+def test_a_folder_image_interrupted_as_its_file_is_made_leaves_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Ctrl-C is raised at the first bytecode after the system call it arrived in:
+    after the open that made the temporary file, before its descriptor was kept (seen
+    in a real Ctrl-C of an export: an empty ``.NNNNNN.jpg.tmp`` left in a class folder)."""
+    import os
+
+    from gpurec.export import Destination
+
+    real_open = os.open
+
+    def open_then_interrupted(path, flags, mode=0o777, **kw):
+        real_open(path, flags, mode, **kw)
+        raise KeyboardInterrupt
+
+    dest = Destination(str(tmp_path / "d"))
+    monkeypatch.setattr(os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dest.put("a/000001.jpg", b"\xff\xd8\xff" + bytes(10))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "d").rglob("*") if p.is_file()] == []
