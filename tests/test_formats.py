@@ -691,3 +691,22 @@ def test_a_folder_image_interrupted_as_its_file_is_made_leaves_nothing(
         dest.put("a/000001.jpg", b"\xff\xd8\xff" + bytes(10))
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "d").rglob("*") if p.is_file()] == []
+
+
+def test_pack_from_parquet_with_a_labels_column_that_is_not_every_label(tmp_path: Path) -> None:
+    """A ClassLabel ``label`` beside another dataset's ``labels`` (tag ids, or strings):
+    the class stays the label (the tags took its place, strings stopped the pack)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpgs = [cv2.imencode(".jpg", np.full((10, 10, 3), 40 * k, np.uint8))[1].tobytes()
+            for k in range(3)]  # fmt: skip
+    for name, tags in (("ids", [[7, 3], [], [1, 5]]), ("words", [["x"], ["y", "z"], []])):
+        table = pa.table({"image": pa.array(jpgs, pa.binary()), "label": [0, 1, 1],
+                          "labels": tags})  # fmt: skip
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        out = tmp_path / "out" / name
+        summary = pack(tmp_path / f"{name}.parquet", out, pass_through=True, workers=1)
+        assert summary.images == 3, name
+        want = Counter((sha(b), (lab,)) for b, lab in zip(jpgs, [0.0, 1.0, 1.0], strict=True))
+        assert records_of(out.with_suffix(".rec")) == want, name

@@ -243,10 +243,8 @@ class ParquetRoot(FilesRoot, RemoteRoot):
                             if isinstance(first, str):
                                 strings.append((len(entries), first))
                                 labels: tuple[float, ...] = (0.0,)
-                            elif rests and rests[k]:
-                                labels = tuple(float(x) for x in rests[k])
                             else:
-                                labels = (float(first),)
+                                labels = _all_labels(first, rests[k] if rests else None)
                             entries.append(ListEntry(len(entries), labels, rel))
         if strings:  # class names from string labels, numbered in sorted order
             names = sorted({s for _, s in strings})
@@ -282,6 +280,20 @@ class ParquetRoot(FilesRoot, RemoteRoot):
             else:
                 out.append(os.pread(self._fd, where[1], where[0]))
         return out
+
+
+def _all_labels(first, rest) -> tuple[float, ...]:
+    """A row's labels: its ``labels`` list where that is every label (numbers, the
+    first the ``label`` column's, as ``gpurec export`` writes them), else the ``label``
+    alone: another dataset's ``labels`` (tags, strings) is not the class's."""
+    numbers = (
+        isinstance(rest, list)
+        and rest
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rest)
+    )
+    if numbers and float(rest[0]) == float(first):
+        return tuple(float(x) for x in rest)
+    return (float(first),)
 
 
 def _remove(path: str) -> None:
