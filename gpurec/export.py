@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -470,21 +471,25 @@ def export(
         spec = LabelSpec(names, labels.width)
     args = (recs, format, dest_text, storage_options, names, spec, on_error, width, repeated)
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    lst_lines: list[str] = []
     destination = Destination(dest_text, storage_options)
-    for done in _run(tasks, workers, args):
-        if done.error is not None:
-            reason, path, offset = done.error
-            raise RecordIOError(reason, path, offset=offset)
-        summary.images += done.count
-        summary.bytes += done.bytes
-        summary.skipped += done.skipped
-        lst_lines += done.lst
-        if done.output is not None:
-            summary.outputs.append(done.output)
-        if progress is not None:
-            progress(done.count + len(done.skipped))
-    _manifests(destination, summary, names, lst_lines, num_parts, part)
+    # the folder's .lst lines go to an unnamed local file as chunks finish, not into a
+    # list of every record's line (a GB for ten million records)
+    with tempfile.TemporaryFile(prefix="gpurec-export-lst-") as lst:
+        for done in _run(tasks, workers, args):
+            if done.error is not None:
+                reason, path, offset = done.error
+                raise RecordIOError(reason, path, offset=offset)
+            summary.images += done.count
+            summary.bytes += done.bytes
+            summary.skipped += done.skipped
+            if done.lst:
+                lst.write("".join(done.lst).encode())
+            if done.output is not None:
+                summary.outputs.append(done.output)
+            if progress is not None:
+                progress(done.count + len(done.skipped))
+        lst.seek(0)
+        _manifests(destination, summary, names, lst, num_parts, part)
     summary.seconds = time.perf_counter() - start_time
     return summary
 
@@ -521,7 +526,7 @@ def _run(tasks: list, workers: int, args: tuple) -> Iterator[_Done]:
 
 
 def _manifests(
-    dest: Destination, summary: ExportSummary, names, lst_lines, num_parts: int, part: int
+    dest: Destination, summary: ExportSummary, names, lst: BinaryIO, num_parts: int, part: int
 ) -> None:
     """classes.json, the folder's export.lst and the skip report, once the data is in
     place (the parts of a job array each write their own .lst and report)."""
@@ -530,8 +535,8 @@ def _manifests(
         text = json.dumps({"classes": names}, indent=1, ensure_ascii=False) + "\n"
         dest.write("classes.json", lambda f: f.write(text.encode()))
     if summary.format == "folder":
-        data = "".join(lst_lines).encode()
-        summary.outputs.append(dest.write(f"export{tag}.lst", lambda f: f.write(data)))
+        copy = lambda f: shutil.copyfileobj(lst, f, 1 << 20)  # noqa: E731
+        summary.outputs.append(dest.write(f"export{tag}.lst", copy))
     if summary.skipped:
         from gpurec.pack import write_report
 
