@@ -434,7 +434,7 @@ def export(
     if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".bin"):
         if format != "folder":
             raise ValueError("a verification .bin exports with --format folder")
-        return _export_bin(Path(local_path(os.fspath(source))), dest_text, storage_options,
+        return _export_bin(os.fspath(source), dest_text, storage_options,
                            start_time, progress, on_plan)  # fmt: skip
     recs = resolve_source(source, cache_dir=cache_dir, storage_options=storage_options)
     dataset = Dataset(recs, on_error="skip")
@@ -552,10 +552,10 @@ def _manifests(
 # ------------------------------------------------------------------- verification sets
 
 
-def _export_bin(path: Path, dest: str, storage_options, start_time, progress, on_plan):
+def _export_bin(path: str, dest: str, storage_options, start_time, progress, on_plan):
     from gpurec.formats.verification import read_bin
 
-    vset = read_bin(path)
+    vset = read_bin(path, storage_options)
     destination = Destination(dest, storage_options)
     summary = ExportSummary("folder", dest, pairs=vset.pairs)
     if on_plan is not None:

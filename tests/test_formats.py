@@ -710,3 +710,17 @@ def test_pack_from_parquet_with_a_labels_column_that_is_not_every_label(tmp_path
         assert summary.images == 3, name
         want = Counter((sha(b), (lab,)) for b, lab in zip(jpgs, [0.0, 1.0, 1.0], strict=True))
         assert records_of(out.with_suffix(".rec")) == want, name
+
+
+def test_verification_bin_from_s3(tmp_path: Path, bucket) -> None:
+    """A .bin in a bucket exports and tells its pairs as a local one (it was opened as
+    the local path 's3:/formats/...')."""
+    images, _ = _verification_bin(tmp_path / "lfw.bin")
+    bucket.upload_file(str(tmp_path / "lfw.bin"), "formats", "sets/lfw.bin")
+    summary = export("s3://formats/sets/lfw.bin", tmp_path / "lfw", format="folder")
+    assert summary.pairs == 3 and summary.images == 6
+    lines = (tmp_path / "lfw" / "pairs.tsv").read_text().splitlines()[1:]
+    assert [(tmp_path / "lfw" / line.split("\t")[0]).read_bytes() for line in lines] == images[::2]
+    res = run_gpurec("info", "s3://formats/sets/lfw.bin")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("3 pairs (2 same, 1 different), 6 images")

@@ -41,7 +41,7 @@ class _Unpickler(pickle.Unpickler):
 class VerificationSet:
     """The images (encoded bytes, as stored) and the pairs' same/different flags."""
 
-    path: Path
+    path: str  # as given: a local path or a URL
     images: list[bytes]
     issame: list[bool]
 
@@ -63,7 +63,7 @@ class VerificationSet:
                 "formats": formats}  # fmt: skip
 
 
-def _as_bytes(item, i: int, path: Path) -> bytes:
+def _as_bytes(item, i: int, path: str) -> bytes:
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
     dtype = getattr(item, "dtype", None)  # a uint8 NumPy array of the encoded image
@@ -72,21 +72,30 @@ def _as_bytes(item, i: int, path: Path) -> bytes:
     raise ValueError(f"{path}: image {i} is a {type(item).__name__}, not encoded image bytes")
 
 
-def read_bin(path: str | Path) -> VerificationSet:
-    """Read a verification ``.bin``; ValueError naming the file for anything else."""
-    path = Path(path)
+def read_bin(path: str | Path, storage_options: dict | None = None) -> VerificationSet:
+    """Read a verification ``.bin``, a local path or a URL (``s3://...``: the file is
+    read whole, a few hundred MB at most); ValueError naming the file for anything
+    else."""
+    from gpurec.storage import filesystem, is_url, local_path
+
+    text = str(path)
     try:
-        with open(path, "rb") as f:
+        if is_url(text) and not text.startswith("file://"):
+            fs, where = filesystem(text, storage_options)
+            f = io.BytesIO(fs.cat_file(where))
+        else:
+            f = open(local_path(text), "rb")  # noqa: SIM115 - closed below
+        with f:
             data = _Unpickler(io.BufferedReader(f), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as exc:
-        raise ValueError(f"{path}: not an InsightFace verification set: {exc}") from None
+        raise ValueError(f"{text}: not an InsightFace verification set: {exc}") from None
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{path}: not an InsightFace verification set: expected a pickled "
+        raise ValueError(f"{text}: not an InsightFace verification set: expected a pickled "
                          f"(images, issame) pair, got {type(data).__name__}")  # fmt: skip
     bins, issame = data
     bins, issame = list(bins), [bool(x) for x in issame]
     if len(bins) != 2 * len(issame):
         raise ValueError(
-            f"{path}: {len(bins)} images for {len(issame)} pairs (a pair is two images)"
+            f"{text}: {len(bins)} images for {len(issame)} pairs (a pair is two images)"
         )
-    return VerificationSet(path, [_as_bytes(b, i, path) for i, b in enumerate(bins)], issame)
+    return VerificationSet(text, [_as_bytes(b, i, text) for i, b in enumerate(bins)], issame)
