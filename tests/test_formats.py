@@ -724,3 +724,20 @@ def test_verification_bin_from_s3(tmp_path: Path, bucket) -> None:
     res = run_gpurec("info", "s3://formats/sets/lfw.bin")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("3 pairs (2 same, 1 different), 6 images")
+
+
+def test_a_python2_verification_bin_exports_its_bytes(tmp_path: Path) -> None:
+    """InsightFace's own .bin files are Python 2 pickles (str images): the repository's
+    faces.bin, made so, exports each image's bytes as stored."""
+    path = Path(__file__).parent / "data" / "mxnet_image" / "faces.bin"
+    images, issame = pickle.loads(path.read_bytes(), encoding="bytes")  # our own file
+    summary = export(path, tmp_path / "faces", format="folder")
+    assert summary.pairs == len(issame) == 2 and summary.images == len(images) == 4
+    lines = (tmp_path / "faces" / "pairs.tsv").read_text().splitlines()[1:]
+    got = [
+        (tmp_path / "faces" / name).read_bytes() for line in lines for name in line.split("\t")[:2]
+    ]
+    assert got == [bytes(b) for b in images]
+    assert [line.split("\t")[2] for line in lines] == [str(int(s)) for s in issame]
+    assert sorted(p.suffix for p in (tmp_path / "faces" / "images").iterdir()) == [
+        ".jpg", ".jpg", ".jpg", ".png"]  # fmt: skip
