@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import color_tree
-from test_storage import endpoint, s3  # noqa: F401 - fixtures
+from test_storage import s3  # noqa: F401 - a fixture (endpoint is conftest's)
 
 ray = pytest.importorskip("ray")
 
