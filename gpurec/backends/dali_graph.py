@@ -19,7 +19,7 @@ import numpy as np
 from gpurec.augment import AugmentSpec
 from gpurec.backends.common import round_half_away as _round_half_away
 from gpurec.backends.common import staged as _staged
-from gpurec.draws import INTERP_CODES, LUMA, Draws, geometry, jitter_matrices
+from gpurec.draws import INTERP_CODES, LUMA, Draws, Geometry, geometry, jitter_matrices
 
 __all__ = ["INPUT", "graph", "inputs", "parameters"]
 
@@ -126,6 +126,26 @@ def _axis_window(m: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([y0, x0, y0 + height * py, x0 + width * px], axis=-1)
 
 
+def _size_only(spec: AugmentSpec) -> bool:
+    """Whether :func:`gpurec.draws.geometry` takes no draw for ``spec`` (no pre-crop
+    affine, no random or random-size window, no random interpolation): then an image's
+    geometry follows from its size alone, and is worked out once per size in a batch."""
+    return not (spec.affine or spec.crop in ("random", "random_resized") or spec.max_crop_size
+                or spec.interp == "random")  # fmt: skip
+
+
+def _geometries(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> list[Geometry]:
+    """:func:`gpurec.draws.geometry` of every image of the batch (``sizes``: (n, 2),
+    decoded width, height): once per distinct size when it depends on the size alone."""
+    n = len(sizes)
+    if not _size_only(spec) or n < 2:
+        return [geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1])) for k in range(n)]
+    distinct, first, inverse = np.unique(sizes, axis=0, return_index=True, return_inverse=True)
+    geos = [geometry(spec, d, int(k), int(w), int(h))
+            for k, (w, h) in zip(first.tolist(), distinct.tolist(), strict=True)]  # fmt: skip
+    return [geos[i] for i in inverse.reshape(-1).tolist()]
+
+
 def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.ndarray]:
     """The per-sample arrays :func:`graph` takes for images of ``sizes`` (``(n, 2)``:
     decoded width, height) augmented with draws ``d``: one array per name of
@@ -148,8 +168,7 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         first = np.tile(np.eye(3), (n, 1, 1))  # source -> step 1's image
         total = np.tile(np.eye(3), (n, 1, 1))  # source -> output
         fwd = np.tile(np.eye(3), (n, 1, 1))  # step 1's image -> the warp's output
-        for k in range(n):
-            geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
+        for k, geo in enumerate(_geometries(spec, d, sizes)):
             if geo.resized is not None:
                 w, h = geo.resized
                 sx, sy = w / geo.source[0], h / geo.source[1]
@@ -179,11 +198,9 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         if RESIZE_INTERP in names:
             out[RESIZE_INTERP] = _DALI_INTERP[resize_interp]
     else:
-        matrices = np.empty((n, 2, 3))
-        for k in range(n):
-            geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
-            matrices[k] = geo.matrix
-            interp[k] = geo.interps["composed"]
+        geos = _geometries(spec, d, sizes)
+        matrices = np.array([geo.matrix for geo in geos]).reshape(n, 2, 3)
+        interp[:] = [geo.interps["composed"] for geo in geos]
         roi[:] = _axis_window(matrices, out_w, out_h)
         # Decode only the region and the reach of the resampling filter around it (ROI
         # decoding): the resize sees the same pixels as in the whole image.

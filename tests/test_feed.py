@@ -1,0 +1,120 @@
+"""The DALI backend's learned records (gpurec.backends.records): a batch read from what
+the first read of its records learned is the batch the checked path reads, byte for byte
+(images fed, labels, sizes, every parameter), in every layout; records that failed are
+never learned and fail again the same way."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+from helpers import numbered_shards
+
+import gpurec
+from gpurec.recordio import IRHeader, RecordWriter, pack
+
+
+def _checked(backend, plan, b):
+    """Batch ``b`` read as a first read reads it: every record through the checks."""
+    saved = backend._table.start.copy()
+    backend._table.start[:] = 0
+    try:
+        return backend._read(plan, b)
+    finally:
+        backend._table.start[:] = saved
+
+
+def _same(one, two) -> None:
+    assert one.indices == two.indices
+    assert len(one.payloads) == len(two.payloads)
+    for a, b in zip(one.payloads, two.payloads, strict=True):
+        assert bytes(a) == bytes(b)
+    np.testing.assert_array_equal(one.labels, two.labels)
+    assert one.params.keys() == two.params.keys()
+    for name in one.params:
+        np.testing.assert_array_equal(one.params[name], two.params[name], err_msg=name)
+    assert (one.skipped, repr(one.error)) == (two.skipped, repr(two.error))
+
+
+def _sizes_tree(rec: Path, n: int = 23) -> Path:
+    """JPEGs of several sizes (and one PNG, one BMP): sizes the geometry must tell apart."""
+    rng = np.random.default_rng(3)
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i in range(n):
+            w, h = [(40, 52), (64, 48), (33, 71), (48, 64)][i % 4]
+            img = rng.integers(0, 255, (h, w, 3), np.uint8)
+            ext = ".png" if i == 5 else ".bmp" if i == 6 else ".jpg"
+            payload = cv2.imencode(ext, img)[1].tobytes()
+            writer.write(pack(IRHeader(0, float(i % 7), i, 0), payload), key=i)
+    return rec
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(crop="center", rand_mirror=True, mean=127.5, std=127.5),
+        dict(crop="random_resized", rand_mirror=True),
+        dict(crop="random", resize=40, max_rotate_angle=20, fill_value=255),
+        dict(crop="center", pad=4, interp="auto"),
+    ],
+)
+def test_learned_batches_are_the_checked_ones(tmp_path: Path, options: dict) -> None:
+    rec = _sizes_tree(tmp_path / "s.rec")
+    kw = dict(device="cpu", backend="dali", num_threads=1, seed=2)
+    with gpurec.Pipeline(str(rec), 8, (3, 32, 32), **kw, **options) as pipe:
+        backend = pipe.backend
+        plan = pipe.plan(0)
+        for b in range(plan.batches):
+            first = backend._read(plan, b)  # learns
+            assert backend._table.known(plan.batch(b)).all()
+            _same(backend._read(plan, b), first)
+            _same(backend._read(plan, b), _checked(backend, plan, b))
+
+
+def test_learned_across_shards_and_insightface(tmp_path: Path, golden: Path) -> None:
+    shards = numbered_shards(tmp_path / "n")
+    face = tmp_path / "face"
+    shutil.copytree(golden / "insightface", face)
+    recs = [str(s) for s in shards] + [str(face / "train.rec")]
+    with gpurec.Pipeline(recs, 5, (3, 24, 24), device="cpu", backend="dali", num_threads=1,
+                         rand_mirror=True) as pipe:  # fmt: skip
+        backend = pipe.backend
+        for epoch in range(2):
+            plan = pipe.plan(epoch)
+            for b in range(plan.batches):
+                _same(backend._read(plan, b), _checked(backend, plan, b))
+        assert backend._table.known(np.arange(len(pipe.dataset))).all()
+        # and the batches handed out are those of a pipeline that learned nothing yet
+        got = [(np.asarray(x.data).copy(), np.asarray(x.label).copy()) for x in pipe]
+    with gpurec.Pipeline(recs, 5, (3, 24, 24), device="cpu", backend="dali", num_threads=1,
+                         rand_mirror=True) as fresh:  # fmt: skip
+        fresh.epoch = 0
+        want = [(np.asarray(x.data).copy(), np.asarray(x.label).copy()) for x in fresh]
+    assert len(got) == len(want)
+    for (d1, l1), (d2, l2) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(l1, l2)
+        np.testing.assert_array_equal(d1, d2)
+
+
+def test_a_bad_record_is_never_learned(tmp_path: Path) -> None:
+    rec = tmp_path / "bad.rec"
+    good = cv2.imencode(".jpg", np.full((20, 20, 3), 90, np.uint8))[1].tobytes()
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i in range(6):
+            payload = b"not an image" if i == 3 else good
+            writer.write(pack(IRHeader(0, float(i), i, 0), payload), key=i)
+    with gpurec.Pipeline(str(rec), 6, (3, 16, 16), device="cpu", backend="dali", num_threads=1,
+                         on_error="skip", shuffle=False) as pipe:  # fmt: skip
+        plan = pipe.plan(0)
+        first = pipe.backend._read(plan, 0)
+        known = pipe.backend._table.known(plan.batch(0))
+        assert known.tolist() == [i != 3 for i in plan.batch(0).tolist()]
+        again = pipe.backend._read(plan, 0)
+        _same(again, first)
+        assert again.skipped == 1
