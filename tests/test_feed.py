@@ -118,3 +118,34 @@ def test_a_bad_record_is_never_learned(tmp_path: Path) -> None:
         again = pipe.backend._read(plan, 0)
         _same(again, first)
         assert again.skipped == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(crop="random_resized", rand_mirror=True),
+        dict(
+            crop="random_resized", min_random_area=0.3, max_aspect_ratio=2.0, data_shape=(3, 64, 48)
+        ),
+    ],
+)
+def test_window_maps_are_geometry_s_to_the_bit(options: dict) -> None:
+    """The whole batch's random-resized windows at once, as draws.geometry makes them one
+    by one, bit for bit (tiny images whose attempts all fail take geometry's fallback)."""
+    from gpurec.augment import AugmentSpec
+    from gpurec.backends.dali_graph import _random_resized, _window_maps
+    from gpurec.draws import draw, geometry
+
+    options = {"data_shape": (3, 224, 224), **options}
+    spec = AugmentSpec(train=True, **options)
+    assert _random_resized(spec)
+    rng = np.random.default_rng(0)
+    for t in range(20):
+        n = 256
+        sizes = np.stack([rng.integers(20, 700, n), rng.integers(20, 700, n)], 1)
+        sizes[:5] = [[1, 1], [2, 300], [300, 2], [224, 224], [5, 5]]
+        d = draw(spec, (1, t, 0), n)
+        want = np.array([geometry(spec, d, k, int(w), int(h)).matrix
+                         for k, (w, h) in enumerate(sizes.tolist())])  # fmt: skip
+        got = _window_maps(spec, d, sizes)
+        assert got.tobytes() == want.tobytes()

@@ -146,6 +146,56 @@ def _geometries(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> list[Geometry
     return [geos[i] for i in inverse.reshape(-1).tolist()]
 
 
+def _random_resized(spec: AugmentSpec) -> bool:
+    """Whether the batch's geometry can be worked out at once by :func:`_window_maps`:
+    a random-resized crop of the source itself (no resize step, no affine, no padding),
+    one interpolation for every image."""
+    return (spec.crop == "random_resized" and not spec.resize and not spec.affine
+            and not spec.pad and not _interp_per_image(spec))  # fmt: skip
+
+
+def _window_maps(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> np.ndarray:
+    """The 2x3 source-to-output maps of a random-resized crop (:func:`_random_resized`)
+    for the whole batch, as :func:`gpurec.draws.geometry` makes them one by one (the same
+    float64 operations in the same order, elementwise, and the same 3x3 products) for
+    the images where one of the attempts fits; geometry() itself for the others."""
+    n = len(sizes)
+    width, height = sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64)
+    u = d.attempts[:n]
+    area = (width * height).astype(np.float64)[:, None]
+    target = area * (u[..., 0] * (spec.max_random_area - spec.min_random_area)
+                     + spec.min_random_area)  # fmt: skip
+    ratio = u[..., 1] * (spec.max_aspect_ratio - spec.min_aspect_ratio) + spec.min_aspect_ratio
+    h = np.rint(np.sqrt(target / ratio))  # Python's round(): halves to even, as np.rint
+    w = np.rint(np.sqrt(target * ratio))
+    swap = u[..., 2] > 0.5
+    w, h = np.where(swap, h, w), np.where(swap, w, h)
+    fits = (h > 0) & (h <= height[:, None]) & (w > 0) & (w <= width[:, None])
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(n)
+    w, h = w[rows, first], h[rows, first]
+    u_y, u_x = u[rows, first, 3], u[rows, first, 4]
+
+    def randint(v: np.ndarray, high: np.ndarray) -> np.ndarray:  # draws._randint
+        return np.where(high > 0, np.minimum(np.floor(v * (high + 1)), high), 0)
+
+    x = randint(u_x, width - w)
+    y = randint(u_y, height - h)
+    shift = np.tile(np.eye(3), (n, 1, 1))  # the window's corner to the origin
+    shift[:, 0, 2], shift[:, 1, 2] = -x, -y
+    sx, sy = spec.width / w, spec.height / h
+    resize = np.zeros((n, 3, 3))  # draws._resize_map((w, h), output size)
+    resize[:, 0, 0], resize[:, 0, 2] = sx, 0.5 * sx - 0.5
+    resize[:, 1, 1], resize[:, 1, 2] = sy, 0.5 * sy - 0.5
+    resize[:, 2, 2] = 1
+    # geometry()'s products (total = m @ total, from the identity), stacked: NumPy's
+    # matmul runs the same 3x3 product per image (tests/test_feed.py checks the bits)
+    matrices = np.matmul(resize, np.matmul(shift, np.eye(3)))[:, :2]
+    for k in np.flatnonzero(~fits.any(axis=1)).tolist():  # no attempt fits: the fallback
+        matrices[k] = geometry(spec, d, k, int(width[k]), int(height[k])).matrix
+    return matrices
+
+
 def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.ndarray]:
     """The per-sample arrays :func:`graph` takes for images of ``sizes`` (``(n, 2)``:
     decoded width, height) augmented with draws ``d``: one array per name of
@@ -198,9 +248,12 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         if RESIZE_INTERP in names:
             out[RESIZE_INTERP] = _DALI_INTERP[resize_interp]
     else:
-        geos = _geometries(spec, d, sizes)
-        matrices = np.array([geo.matrix for geo in geos]).reshape(n, 2, 3)
-        interp[:] = [geo.interps["composed"] for geo in geos]
+        if _random_resized(spec):  # interp is a constant of the graph: not needed
+            matrices = _window_maps(spec, d, sizes)
+        else:
+            geos = _geometries(spec, d, sizes)
+            matrices = np.array([geo.matrix for geo in geos]).reshape(n, 2, 3)
+            interp[:] = [geo.interps["composed"] for geo in geos]
         roi[:] = _axis_window(matrices, out_w, out_h)
         # Decode only the region and the reach of the resampling filter around it (ROI
         # decoding): the resize sees the same pixels as in the whole image.
