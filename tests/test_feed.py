@@ -149,3 +149,36 @@ def test_window_maps_are_geometry_s_to_the_bit(options: dict) -> None:
                          for k, (w, h) in enumerate(sizes.tolist())])  # fmt: skip
         got = _window_maps(spec, d, sizes)
         assert got.tobytes() == want.tobytes()
+
+
+def _epoch(pipe, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    pipe.epoch = epoch
+    return [(np.asarray(b.data).copy(), np.asarray(b.label).copy()) for b in pipe]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "dali"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(crop="center", rand_mirror=True, mean=127.5, std=127.5, resize=0),
+        dict(crop="center", interp="area", shape=(3, 8, 8)),  # reduced JPEG decoding
+        dict(crop="random_resized", rand_mirror=True, brightness=0.3),
+    ],
+)
+def test_a_learned_epoch_is_a_first_read_epoch(tmp_path: Path, backend: str, options) -> None:
+    """Epoch 1 of a pipeline that learned its records in epoch 0 is, pixel for pixel and
+    label for label, epoch 1 of a fresh pipeline (which reads every record checked)."""
+    rec = _sizes_tree(tmp_path / "s.rec", n=37)
+    options = dict(options)
+    shape = options.pop("shape", (3, 24, 24))
+    kw = dict(device="cpu", backend=backend, num_threads=2, seed=4, **options)
+    with gpurec.Pipeline(str(rec), 8, shape, **kw) as learned:
+        _epoch(learned, 0)
+        assert learned.backend._table.known(np.arange(len(learned.dataset))).sum() >= 30
+        got = _epoch(learned, 1)
+    with gpurec.Pipeline(str(rec), 8, shape, **kw) as fresh:
+        want = _epoch(fresh, 1)
+    assert len(got) == len(want) == 4  # 37 records, batches of 8, the last dropped (train)
+    for (d1, l1), (d2, l2) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(l1, l2)
+        np.testing.assert_array_equal(d1, d2)

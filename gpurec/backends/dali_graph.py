@@ -18,6 +18,7 @@ import numpy as np
 
 from gpurec.augment import AugmentSpec
 from gpurec.backends.common import round_half_away as _round_half_away
+from gpurec.backends.common import size_only as _size_only
 from gpurec.backends.common import staged as _staged
 from gpurec.draws import INTERP_CODES, LUMA, Draws, Geometry, geometry, jitter_matrices
 
@@ -124,14 +125,6 @@ def _axis_window(m: np.ndarray, width: int, height: int) -> np.ndarray:
     x0 = (-0.5 - m[..., 0, 2]) * px + 0.5
     y0 = (-0.5 - m[..., 1, 2]) * py + 0.5
     return np.stack([y0, x0, y0 + height * py, x0 + width * px], axis=-1)
-
-
-def _size_only(spec: AugmentSpec) -> bool:
-    """Whether :func:`gpurec.draws.geometry` takes no draw for ``spec`` (no pre-crop
-    affine, no random or random-size window, no random interpolation): then an image's
-    geometry follows from its size alone, and is worked out once per size in a batch."""
-    return not (spec.affine or spec.crop in ("random", "random_resized") or spec.max_crop_size
-                or spec.interp == "random")  # fmt: skip
 
 
 def _geometries(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> list[Geometry]:

@@ -14,7 +14,7 @@ feeding), is never noted and takes the checked path every time, so errors and sk
 are exactly those of the checked path.
 
 The arrays are indexed by sample and allocated zeroed (pages the kernel hands out as
-they are first written): 20 bytes a sample with one label.
+they are first written): 21 bytes a sample with one label.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class RecordTable:
         self.length = np.zeros(n, np.uint32)
         self.size = np.zeros((n, 2), np.uint16)
         self.label = np.zeros((n, label_width), np.float32)
+        self.jpeg = np.zeros(n, bool)  # the image is a JPEG (the OpenCV backend asks)
         self._maps: list[np.ndarray | None] = [None] * len(dataset.shards)
         self._single = len(dataset.shards) == 1
 
@@ -57,7 +58,7 @@ class RecordTable:
             buf = self._maps[shard] = np.frombuffer(reader._view, np.uint8)
         return buf
 
-    def learn(self, index: int, payload: np.ndarray, size, label) -> None:
+    def learn(self, index: int, payload, size, label, jpeg: bool = False) -> None:
         """Note that sample ``index`` passed the checks: its image is ``payload`` (which
         must be the record's own bytes), of ``size`` (width, height), labelled ``label``.
         Only an unsplit record in a local map is noted."""
@@ -73,10 +74,11 @@ class RecordTable:
         start = offset + 8 + length - len(payload)
         if cflag != 0 or start < offset + 8 or start + len(payload) > len(buf):
             return
-        self.start[index] = start
         self.length[index] = len(payload)
         self.size[index] = width, height
         self.label[index] = label
+        self.jpeg[index] = jpeg
+        self.start[index] = start  # last: another thread takes a record as learned by it
 
     def forget(self, index: int) -> None:
         """Take sample ``index`` back to the checked path (DALI could not decode it)."""
@@ -85,6 +87,14 @@ class RecordTable:
     def known(self, indices: np.ndarray) -> np.ndarray:
         """Which of ``indices`` are learned (bool per position)."""
         return self.start[indices] != 0
+
+    def payload(self, index: int) -> np.ndarray:
+        """The image bytes of learned sample ``index``: a view of the map."""
+        start = int(self.start[index])
+        end = start + int(self.length[index])
+        if self._single:
+            return self._maps[0][start:end]
+        return self._maps[self.dataset.locate(index)[0]][start:end]
 
     def payloads(self, indices: np.ndarray) -> list[np.ndarray]:
         """The image bytes of learned samples ``indices``: views of the maps, no copy."""
