@@ -182,3 +182,31 @@ def test_a_learned_epoch_is_a_first_read_epoch(tmp_path: Path, backend: str, opt
     for (d1, l1), (d2, l2) in zip(got, want, strict=True):
         np.testing.assert_array_equal(l1, l2)
         np.testing.assert_array_equal(d1, d2)
+
+
+def test_exact_crops_skip_the_resize_and_keep_the_pixels(tmp_path: Path) -> None:
+    """Windows that are exact crops of the decoded image (a data-shape crop of an image
+    at least that large) are decoded as that window and not resampled; images smaller
+    than the data shape are still enlarged. Lossless records, uint8 out: the DALI path's
+    exact crops are the OpenCV backend's crops to the byte."""
+    from gpurec.backends import dali_graph
+
+    rng = np.random.default_rng(5)
+    rec = tmp_path / "png.rec"
+    sizes = [(40, 40), (57, 44), (32, 32), (20, 50), (33, 90), (32, 31)]
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
+        for i, (w, h) in enumerate(sizes):
+            png = cv2.imencode(".png", rng.integers(0, 255, (h, w, 3), np.uint8))[1].tobytes()
+            writer.write(pack(IRHeader(0, float(i), i, 0), png), key=i)
+    kw = dict(device="cpu", num_threads=1, crop="center", resize=0, dtype="uint8",
+              shuffle=False, last_batch="pad")  # fmt: skip
+    with gpurec.Pipeline(str(rec), 6, (3, 32, 32), backend="dali", **kw) as dali:
+        plan = dali.plan(0)
+        params = dali.backend._read(plan, 0).params
+        assert params[dali_graph.RESAMPLE].tolist() == [False, False, False, True, False, True]
+        got = np.asarray(next(iter(dali)).data).copy()
+    with gpurec.Pipeline(str(rec), 6, (3, 32, 32), backend="cpu", **kw) as cpu:
+        want = np.asarray(next(iter(cpu)).data).copy()
+    exact = [0, 1, 2, 4]
+    np.testing.assert_array_equal(got[exact], want[exact])
+    assert np.abs(got[[3, 5]].astype(int) - want[[3, 5]]).max() <= 2  # two resamplers

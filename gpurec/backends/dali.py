@@ -206,11 +206,13 @@ class DALIBackend:
         from nvidia.dali import fn, pipeline_def, types
 
         pipe = self.pipe
-        pipeline = pipeline_def(graph, enable_checkpointing=True)(
+        # Conditionals: images that are exact crops skip the resize (dali_graph.graph)
+        pipeline = pipeline_def(graph, enable_checkpointing=True, enable_conditionals=True)(
             fn,
             types,
             pipe.spec,
             device=pipe.device,
+            exact_crops=True,
             batch_size=batch_size,
             num_threads=pipe.num_threads,
             device_id=self._device_id,
@@ -324,7 +326,7 @@ class DALIBackend:
                     failed.append((k, error))
         draws = pipe.draws(plan, b, n)
         if not failed:
-            params = parameters(pipe.spec, draws, sizes)
+            params = parameters(pipe.spec, draws, sizes, exact_crops=True)
             return _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b],
                           params)  # fmt: skip
         # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic);
@@ -342,7 +344,7 @@ class DALIBackend:
                 indices[k], payloads[k], labels[k], sizes[k] = stand_in
             else:
                 payloads[k], sizes[k] = self._filler, (8, 8)
-        params = parameters(pipe.spec, draws, sizes)
+        params = parameters(pipe.spec, draws, sizes, exact_crops=True)
         out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b], params)
         if pipe.on_error == "raise":
             out.error = failed[0][1]

@@ -47,6 +47,8 @@ MEAN = "mean"  # float32 (3,): crop_mirror_normalize's mean, from the draws' mul
 STD = "std"  # float32 (3,)
 MULT = "mult"  # float32 (3,1,1) or (1,1,3): with mean_image, the multiplier in the layout
 BIAS = "bias"  # float32, same shape: with mean_image, the offset
+# bool: the window is resampled (False: the decoded slice is the output, an exact crop)
+RESAMPLE = "resample"
 
 # cv2 interpolation code (NEAREST, LINEAR, CUBIC, AREA, LANCZOS4) -> DALIInterpType value
 # (INTERP_NN, INTERP_LINEAR, INTERP_CUBIC, INTERP_LINEAR + antialias, INTERP_LANCZOS3).
@@ -86,8 +88,19 @@ def _jittered(spec: AugmentSpec) -> bool:
     return spec.jitters_normalisation
 
 
-def inputs(spec: AugmentSpec) -> tuple[str, ...]:
-    """The names of the parameter inputs :func:`graph` has for ``spec`` (beside INPUT)."""
+def _may_crop_exactly(spec: AugmentSpec) -> bool:
+    """Whether images may come out as a window of the decoded image at its resolution,
+    with nothing resampled: a data-shape crop (centred or random) of an image at least
+    that large and already at the resize step's size (faces packed at 112 and cut at
+    112, ImageNet's 256-px records centre-cut at 224). The graph then resamples only the
+    images that need it (:data:`RESAMPLE`, DALI's per-sample conditionals): DALI's CPU
+    resize costs more than decoding a 112-px JPEG, even at scale 1."""
+    return not _warped(spec) and spec.crop in ("center", "random") and not spec.max_crop_size
+
+
+def inputs(spec: AugmentSpec, exact_crops: bool = False) -> tuple[str, ...]:
+    """The names of the parameter inputs :func:`graph` has for ``spec`` (beside INPUT);
+    ``exact_crops``: see :func:`graph`."""
     names: list[str] = []
     per_image = _interp_per_image(spec)
     if _warped(spec):
@@ -101,6 +114,7 @@ def inputs(spec: AugmentSpec) -> tuple[str, ...]:
     else:
         names += [SLICE_START, SLICE_SHAPE, ROI_START, ROI_END]
         names += [INTERP] if per_image else []
+        names += [RESAMPLE] if exact_crops and _may_crop_exactly(spec) else []
     if spec.color_jitter:
         names += [COLOUR, GRAY]
     if spec.hsl_jitter:
@@ -189,15 +203,16 @@ def _window_maps(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> np.ndarray:
     return matrices
 
 
-def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.ndarray]:
+def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
+               exact_crops: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """The per-sample arrays :func:`graph` takes for images of ``sizes`` (``(n, 2)``:
     decoded width, height) augmented with draws ``d``: one array per name of
-    :func:`inputs`, the batch along the first axis. The geometry is gpurec.draws'
-    (MXNet's steps) turned into DALI's arguments; the colour and normalisation arrays are
-    built for the whole batch at once."""
+    :func:`inputs` (``exact_crops``: see :func:`graph`), the batch along the first axis.
+    The geometry is gpurec.draws' (MXNet's steps) turned into DALI's arguments; the colour
+    and normalisation arrays are built for the whole batch at once."""
     n = len(sizes)
     out: dict[str, np.ndarray] = {}
-    names = inputs(spec)
+    names = inputs(spec, exact_crops)
     out_w, out_h = spec.width, spec.height
     roi = np.empty((n, 4), np.float64)  # y0, x0, y1, x1
     interp = np.empty(n, np.int32)
@@ -255,10 +270,20 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         margin = np.ceil(_SLICE_MARGIN * np.maximum(1.0, 1.0 / scale)) + 1
         lo = np.clip(np.floor(roi[:, :2] - margin), 0, hw - 1)
         hi = np.clip(np.ceil(roi[:, 2:] + margin), lo + 1, hw)
-        out[SLICE_START] = lo.astype(np.int32)
-        out[SLICE_SHAPE] = (hi - lo).astype(np.int32)
         roi[:, :2] -= lo
         roi[:, 2:] -= lo
+        if RESAMPLE in names:  # an exact crop: the slice is the window, nothing resampled
+            m = matrices
+            x, y = -m[:, 0, 2], -m[:, 1, 2]
+            exact = ((m[:, 0, 0] == 1) & (m[:, 1, 1] == 1) & (m[:, 0, 1] == 0) & (m[:, 1, 0] == 0)
+                     & (x == np.floor(x)) & (y == np.floor(y)) & (x >= 0) & (y >= 0)
+                     & (x + out_w <= hw[:, 1]) & (y + out_h <= hw[:, 0]))  # fmt: skip
+            lo[exact] = np.stack([y[exact], x[exact]], axis=1)
+            hi[exact] = lo[exact] + (out_h, out_w)
+            roi[exact] = 0, 0, out_h, out_w
+            out[RESAMPLE] = ~exact
+        out[SLICE_START] = lo.astype(np.int32)
+        out[SLICE_SHAPE] = (hi - lo).astype(np.int32)
     if ROI_START in names:
         out[ROI_START] = roi[:, :2].astype(np.float32)
         out[ROI_END] = roi[:, 2:].astype(np.float32)
@@ -341,7 +366,17 @@ def _hls_jitter(fn, types, images, offsets):
     return fn.cast(_round_even(fn, rgb * 255), dtype=types.UINT8)
 
 
-def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None):
+def _where(needed, images, step):
+    """``step(images)`` for the samples where ``needed`` holds, ``images`` for the
+    others: a per-sample ``if``, which DALI turns into a split and a merge of the batch
+    (a pipeline built with ``enable_conditionals=True``)."""
+    if needed:
+        images = step(images)
+    return images
+
+
+def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
+          exact_crops: bool = False):  # fmt: skip
     """The DALI graph of :mod:`gpurec.augment`'s steps, with the parameters gpurec
     computed (:func:`parameters`); returns the images. Call inside a pipeline.
 
@@ -367,16 +402,22 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
     Normalisation: ``crop_mirror_normalize`` (mirror included); with ``mean_image`` the
     image is normalised unmirrored and flipped last, as MXNet subtracts the mean image
     before it mirrors.
+
+    ``exact_crops`` (the pipeline built with ``enable_conditionals=True``): where the
+    output may be an exact crop of the decoded image (:func:`_may_crop_exactly`), such
+    images are decoded as that window and not resampled (:data:`RESAMPLE`); resampling
+    them at scale 1 gives the same pixels, at more than a 112-px decode's cost.
     """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
-    names = inputs(spec)
+    names = inputs(spec, exact_crops)
     if params is None:
         params = {}
         for name in names:
             dtype = types.INT32 if name in (SLICE_START, SLICE_SHAPE, RESIZE_INTERP, INTERP,
                                             MIRROR) else types.FLOAT  # fmt: skip
+            dtype = types.BOOL if name == RESAMPLE else dtype
             ndim = {MIRROR: 0, RESIZE_INTERP: 0, INTERP: 0, WARP: 2, COLOUR: 2, MULT: 3,
-                    BIAS: 3}.get(name, 1)  # fmt: skip
+                    BIAS: 3, RESAMPLE: 0}.get(name, 1)  # fmt: skip
             params[name] = fn.external_source(name=name, dtype=dtype, ndim=ndim)
     here = (lambda node: node.gpu()) if decoder == "mixed" else (lambda node: node)
     if jpegs is None:
@@ -424,9 +465,13 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
             shape=params[SLICE_SHAPE],
             axis_names="HW",
         )
-        images = fn.resize(images, size=(h, w), roi_start=params[ROI_START],
-                           roi_end=params[ROI_END], roi_relative=False,
-                           interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
+
+        def window(images):
+            return fn.resize(images, size=(h, w), roi_start=params[ROI_START],
+                             roi_end=params[ROI_END], roi_relative=False,
+                             interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
+
+        images = _where(params[RESAMPLE], images, window) if RESAMPLE in names else window(images)
     if spec.color_jitter:  # out = M x + g * mean gray, rounded and saturated to uint8
         columns = here(params[COLOUR])
         mean = fn.reductions.mean(images, axes=(0, 1))
