@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gpurec.augment import AugmentSpec
+from gpurec.backends.dali_graph import DecoderSettings
 from gpurec.dataset import open_source
 from gpurec.draws import Draws, draw
 from gpurec.order import LAST_BATCH, Plan, Segment, batches_for, plan, rank_range
@@ -90,7 +91,10 @@ class Pipeline:
     one of its batch (augmented with the failed position's own draws) and counts it in
     ``pipe.skipped`` (once per read: copies of it that pad a last batch are not counted);
     ``"raise"`` stops with the shard, record and byte offset. ``prefetch``: batches read
-    and decoded ahead of the caller.
+    and decoded ahead of the caller (DALI's prefetch queue depth).
+    ``hw_decoder_load``, ``device_memory_padding``, ``host_memory_padding``,
+    ``preallocate_width_hint``, ``preallocate_height_hint``: DALI's GPU JPEG decoder
+    settings (:class:`gpurec.backends.dali_graph.DecoderSettings`; DALI's defaults).
     """
 
     def __init__(
@@ -111,6 +115,11 @@ class Pipeline:
         on_error: str = "raise",
         num_threads: int | None = None,
         prefetch: int = 2,
+        hw_decoder_load: float = 0.65,
+        device_memory_padding: int = 16 << 20,
+        host_memory_padding: int = 8 << 20,
+        preallocate_width_hint: int = 0,
+        preallocate_height_hint: int = 0,
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
         storage_options: dict | None = None,
@@ -132,6 +141,9 @@ class Pipeline:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.decoder = DecoderSettings(hw_decoder_load, device_memory_padding,
+                                       host_memory_padding, preallocate_width_hint,
+                                       preallocate_height_hint)  # fmt: skip
         num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
         shard_id = shard_id if shard_id is not None else _env_int("RANK") or 0
         if num_shards < 1 or not 0 <= shard_id < num_shards:

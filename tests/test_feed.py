@@ -210,3 +210,37 @@ def test_exact_crops_skip_the_resize_and_keep_the_pixels(tmp_path: Path) -> None
     exact = [0, 1, 2, 4]
     np.testing.assert_array_equal(got[exact], want[exact])
     assert np.abs(got[[3, 5]].astype(int) - want[[3, 5]]).max() <= 2  # two resamplers
+
+
+def test_decoder_settings_reach_dali_and_change_no_pixel(tmp_path: Path) -> None:
+    """The GPU decoder's settings are Pipeline keywords, checked, passed to DALI's decoder
+    (found in the serialised graph); in DALI's CPU mode they change nothing."""
+    import struct
+
+    rec = _sizes_tree(tmp_path / "s.rec", n=16)
+    kw = dict(device="cpu", backend="dali", num_threads=1, seed=3, rand_mirror=True)
+    settings = dict(hw_decoder_load=0.99, device_memory_padding=1 << 20,
+                    host_memory_padding=1 << 19, preallocate_width_hint=1234,
+                    preallocate_height_hint=987)  # fmt: skip
+    with gpurec.Pipeline(str(rec), 8, (3, 24, 24), **kw, **settings) as tuned:
+        serialised = tuned.backend._pipeline.serialize()
+        assert struct.pack("<f", 0.99) in serialised
+        got = _epoch(tuned, 0)
+    with gpurec.Pipeline(str(rec), 8, (3, 24, 24), **kw) as plain:
+        assert struct.pack("<f", 0.99) not in plain.backend._pipeline.serialize()
+        want = _epoch(plain, 0)
+    for (d1, l1), (d2, l2) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(l1, l2)
+        np.testing.assert_array_equal(d1, d2)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("hw_decoder_load", 1.5), ("hw_decoder_load", -0.1), ("hw_decoder_load", "0.5"),
+     ("device_memory_padding", -1), ("host_memory_padding", 2.5),
+     ("preallocate_width_hint", True), ("preallocate_height_hint", -3)],
+)  # fmt: skip
+def test_bad_decoder_settings_are_refused(tmp_path: Path, name: str, value) -> None:
+    rec = _sizes_tree(tmp_path / "s.rec", n=4)
+    with pytest.raises(ValueError, match=name):
+        gpurec.Pipeline(str(rec), 2, (3, 24, 24), device="cpu", backend="cpu", **{name: value})

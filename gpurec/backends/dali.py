@@ -213,6 +213,7 @@ class DALIBackend:
             pipe.spec,
             device=pipe.device,
             exact_crops=True,
+            settings=pipe.decoder,
             batch_size=batch_size,
             num_threads=pipe.num_threads,
             device_id=self._device_id,

@@ -14,6 +14,8 @@ constants, :func:`inputs`). The runtime that builds, feeds and runs the pipeline
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from gpurec.augment import AugmentSpec
@@ -22,7 +24,7 @@ from gpurec.backends.common import size_only as _size_only
 from gpurec.backends.common import staged as _staged
 from gpurec.draws import INTERP_CODES, LUMA, Draws, Geometry, geometry, jitter_matrices
 
-__all__ = ["INPUT", "graph", "inputs", "parameters"]
+__all__ = ["INPUT", "DecoderSettings", "graph", "inputs", "parameters"]
 
 INPUT = "encoded"  # the external_source the encoded images are fed to
 # The per-sample parameters gpurec computes from its draws (gpurec.draws) and feeds beside
@@ -58,6 +60,40 @@ _DALI_INTERP = np.array([0, 1, 2, 1, 3], np.int32)
 _SLICE_MARGIN = 3
 # Pixel centres (OpenCV, gpurec.draws) to pixel corners (DALI): x_corner = x_centre + 0.5.
 _CORNER = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """The settings of DALI's image decoder that matter on a GPU (``device="gpu"``, the
+    ``"mixed"`` decoder), as Pipeline keywords; the defaults are DALI's own.
+
+    ``hw_decoder_load``: the share of each batch's JPEGs sent to the A100/H100 hardware
+    JPEG decoder (the rest go to nvJPEG's CUDA decoder); 0 turns it off.
+    ``device_memory_padding`` / ``host_memory_padding``: bytes added to each of nvJPEG's
+    device / pinned host buffers when they grow, so that a slightly larger image does not
+    reallocate. ``preallocate_width_hint`` / ``preallocate_height_hint``: the largest image
+    expected, for the hardware decoder to allocate its buffers once up front (0: none).
+    In DALI's CPU mode the decoder takes and ignores them."""
+
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 16 << 20
+    host_memory_padding: int = 8 << 20
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
+
+    def __post_init__(self) -> None:
+        load = self.hw_decoder_load
+        if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= 1:
+            raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {load!r}")
+        for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                     "preallocate_height_hint"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    def arguments(self) -> dict:
+        """The keyword arguments of DALI's decoders."""
+        return {**asdict(self), "hw_decoder_load": float(self.hw_decoder_load)}
 
 
 def _warped(spec: AugmentSpec) -> bool:
@@ -376,7 +412,7 @@ def _where(needed, images, step):
 
 
 def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
-          exact_crops: bool = False):  # fmt: skip
+          exact_crops: bool = False, settings: DecoderSettings | None = None):  # fmt: skip
     """The DALI graph of :mod:`gpurec.augment`'s steps, with the parameters gpurec
     computed (:func:`parameters`); returns the images. Call inside a pipeline.
 
@@ -407,6 +443,7 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
     output may be an exact crop of the decoded image (:func:`_may_crop_exactly`), such
     images are decoded as that window and not resampled (:data:`RESAMPLE`); resampling
     them at scale 1 gives the same pixels, at more than a 112-px decode's cost.
+    ``settings``: the decoders' settings (default: DALI's).
     """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
     names = inputs(spec, exact_crops)
@@ -425,6 +462,7 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
         jpegs = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
     h, w = spec.height, spec.width
     antialias = _antialias(spec)
+    decoding = (settings or DecoderSettings()).arguments()
     if _interp_per_image(spec):
         interp = lambda name: fn.cast(params[name], dtype=types.INTERP_TYPE)  # noqa: E731
     else:  # one interpolation for every image and step: a constant of the graph
@@ -433,7 +471,7 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
         interp = lambda name: fixed  # noqa: E731
     if _warped(spec):
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
-                                   adjust_orientation=False)  # fmt: skip
+                                   adjust_orientation=False, **decoding)  # fmt: skip
         if spec.resize:
             images = fn.resize(images, size=params[RESIZED], interp_type=interp(RESIZE_INTERP),
                                antialias=antialias)  # fmt: skip
@@ -464,6 +502,7 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
             start=params[SLICE_START],
             shape=params[SLICE_SHAPE],
             axis_names="HW",
+            **decoding,
         )
 
         def window(images):
