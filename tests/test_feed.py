@@ -244,3 +244,33 @@ def test_bad_decoder_settings_are_refused(tmp_path: Path, name: str, value) -> N
     rec = _sizes_tree(tmp_path / "s.rec", n=4)
     with pytest.raises(ValueError, match=name):
         gpurec.Pipeline(str(rec), 2, (3, 24, 24), device="cpu", backend="cpu", **{name: value})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(crop="center", rand_mirror=True, resize=0), dict(crop="center", resize=40, pad=3),
+     dict(crop="center", interp="auto")],
+)  # fmt: skip
+def test_parameters_kept_by_size_are_the_ones_worked_out(options: dict) -> None:
+    """Geometry that takes no draw is kept per image size across batches: every batch's
+    parameters are those worked out afresh, image by image (a batch of one each)."""
+    from gpurec.augment import AugmentSpec
+    from gpurec.backends.dali_graph import parameters
+    from gpurec.draws import draw
+
+    spec = AugmentSpec(data_shape=(3, 32, 32), train=True, **options)
+    rng = np.random.default_rng(1)
+    kept: dict = {}
+    for b in range(6):
+        sizes = np.array([(20, 50), (32, 32), (57, 44), (100, 70)])[rng.integers(0, 4, 16)]
+        d = draw(spec, (1, 0, b), 16)
+        got = parameters(spec, d, sizes, True, kept)
+        for k in range(16):
+            one = draw(spec, (1, 0, b), 16)
+            want = parameters(spec, one, sizes[k : k + 1], True)
+            assert got.keys() == want.keys()
+            for name in want:
+                if name in ("mirror", "mean", "std"):
+                    want[name] = parameters(spec, one, sizes, True)[name][k : k + 1]
+                assert got[name][k : k + 1].tobytes() == want[name].tobytes(), name
+    assert len(kept) == 4

@@ -183,6 +183,7 @@ class DALIBackend:
             self._device_id = cupy.cuda.Device().id
         self._bad: dict[int, str] = {}  # sample -> why it cannot be decoded
         self._table = RecordTable(self.dataset, pipe.label_width)  # records read before
+        self._by_size: dict = {}  # geometric parameters by image size (dali_graph.parameters)
         # Fed to DALI when a batch has no good record at all: it is never handed out.
         self._filler = np.frombuffer(
             cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), np.uint8
@@ -327,7 +328,7 @@ class DALIBackend:
                     failed.append((k, error))
         draws = pipe.draws(plan, b, n)
         if not failed:
-            params = parameters(pipe.spec, draws, sizes, exact_crops=True)
+            params = parameters(pipe.spec, draws, sizes, True, self._by_size)
             return _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b],
                           params)  # fmt: skip
         # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic);
@@ -345,7 +346,7 @@ class DALIBackend:
                 indices[k], payloads[k], labels[k], sizes[k] = stand_in
             else:
                 payloads[k], sizes[k] = self._filler, (8, 8)
-        params = parameters(pipe.spec, draws, sizes, exact_crops=True)
+        params = parameters(pipe.spec, draws, sizes, True, self._by_size)
         out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b], params)
         if pipe.on_error == "raise":
             out.error = failed[0][1]

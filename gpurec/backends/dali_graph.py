@@ -177,16 +177,12 @@ def _axis_window(m: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([y0, x0, y0 + height * py, x0 + width * px], axis=-1)
 
 
-def _geometries(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> list[Geometry]:
-    """:func:`gpurec.draws.geometry` of every image of the batch (``sizes``: (n, 2),
-    decoded width, height): once per distinct size when it depends on the size alone."""
-    n = len(sizes)
-    if not _size_only(spec) or n < 2:
-        return [geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1])) for k in range(n)]
-    distinct, first, inverse = np.unique(sizes, axis=0, return_index=True, return_inverse=True)
-    geos = [geometry(spec, d, int(k), int(w), int(h))
-            for k, (w, h) in zip(first.tolist(), distinct.tolist(), strict=True)]  # fmt: skip
-    return [geos[i] for i in inverse.reshape(-1).tolist()]
+def _geometries(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
+                rows: np.ndarray) -> list[Geometry]:  # fmt: skip
+    """:func:`gpurec.draws.geometry` of images of ``sizes`` (``(n, 2)``: decoded width,
+    height) with the draws of rows ``rows``."""
+    return [geometry(spec, d, int(k), int(w), int(h))
+            for k, (w, h) in zip(rows.tolist(), sizes.tolist(), strict=True)]  # fmt: skip
 
 
 def _random_resized(spec: AugmentSpec) -> bool:
@@ -239,16 +235,64 @@ def _window_maps(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> np.ndarray:
     return matrices
 
 
-def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
-               exact_crops: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray, exact_crops: bool = False,
+               by_size: dict | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """The per-sample arrays :func:`graph` takes for images of ``sizes`` (``(n, 2)``:
     decoded width, height) augmented with draws ``d``: one array per name of
     :func:`inputs` (``exact_crops``: see :func:`graph`), the batch along the first axis.
     The geometry is gpurec.draws' (MXNet's steps) turned into DALI's arguments; the colour
-    and normalisation arrays are built for the whole batch at once."""
+    and normalisation arrays are built for the whole batch at once. When the geometry
+    takes no draw it is worked out once per distinct size, and kept in ``by_size`` (a
+    dict the caller keeps for one ``spec`` and ``exact_crops``) across batches."""
+    n = len(sizes)
+    names = inputs(spec, exact_crops)
+    if _size_only(spec):
+        key = (sizes[:, 0].astype(np.int64) << 32) | sizes[:, 1].astype(np.int64)
+        distinct, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        keys = distinct.tolist()
+        known = {} if by_size is None else by_size
+        missing = [j for j, k in enumerate(keys) if k not in known]
+        if missing:
+            rows = first[missing]
+            new = _geometric(spec, d, sizes[rows], rows, names)
+            if len(known) > 100_000:  # a bound: sizes are few in practice
+                known.clear()
+            for i, j in enumerate(missing):
+                known[keys[j]] = {name: values[i : i + 1] for name, values in new.items()}
+        rows_of = [known[k] for k in keys]
+        inverse = inverse.reshape(-1)
+        if len(keys) == 1:
+            out = {name: np.repeat(values, n, axis=0) for name, values in rows_of[0].items()}
+        else:
+            out = {name: np.concatenate([r[name] for r in rows_of])[inverse] for name in rows_of[0]}
+    else:
+        out = _geometric(spec, d, sizes, np.arange(n), names)
+    if spec.color_jitter:
+        matrix, out[GRAY] = jitter_matrices(d.jitter[:n])  # the CPU backend's colour()
+        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1))
+    if spec.hsl_jitter:
+        out[HSL] = d.hsl[:n].astype(np.float32)
+    if spec.pca_noise:
+        out[PCA] = np.ascontiguousarray(d.pca[:n], np.float32)
+    if spec.rand_mirror:
+        out[MIRROR] = d.mirror[:n].astype(np.int32)
+    mult, bias = d.mult[:n], d.bias[:n]
+    if MEAN in names:  # (x - mean) * mult + bias as crop_mirror_normalize's (x - m) / s
+        out[MEAN] = (np.array(spec.mean, np.float32) - bias / mult).astype(np.float32)
+        out[STD] = (1 / mult).astype(np.float32)
+    if MULT in names:
+        shape = (n, 3, 1, 1) if spec.layout == "NCHW" else (n, 1, 1, 3)
+        out[MULT] = np.ascontiguousarray(mult.reshape(shape), np.float32)
+        out[BIAS] = np.ascontiguousarray(bias.reshape(shape), np.float32)
+    return out
+
+
+def _geometric(spec: AugmentSpec, d: Draws, sizes: np.ndarray, rows: np.ndarray,
+               names: tuple[str, ...]) -> dict[str, np.ndarray]:  # fmt: skip
+    """The geometric parameters (:func:`parameters`) of images of ``sizes`` with the draws
+    of rows ``rows``."""
     n = len(sizes)
     out: dict[str, np.ndarray] = {}
-    names = inputs(spec, exact_crops)
     out_w, out_h = spec.width, spec.height
     roi = np.empty((n, 4), np.float64)  # y0, x0, y1, x1
     interp = np.empty(n, np.int32)
@@ -262,7 +306,7 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
         first = np.tile(np.eye(3), (n, 1, 1))  # source -> step 1's image
         total = np.tile(np.eye(3), (n, 1, 1))  # source -> output
         fwd = np.tile(np.eye(3), (n, 1, 1))  # step 1's image -> the warp's output
-        for k, geo in enumerate(_geometries(spec, d, sizes)):
+        for k, geo in enumerate(_geometries(spec, d, sizes, rows)):
             if geo.resized is not None:
                 w, h = geo.resized
                 sx, sy = w / geo.source[0], h / geo.source[1]
@@ -295,7 +339,7 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
         if _random_resized(spec):  # interp is a constant of the graph: not needed
             matrices = _window_maps(spec, d, sizes)
         else:
-            geos = _geometries(spec, d, sizes)
+            geos = _geometries(spec, d, sizes, rows)
             matrices = np.array([geo.matrix for geo in geos]).reshape(n, 2, 3)
             interp[:] = [geo.interps["composed"] for geo in geos]
         roi[:] = _axis_window(matrices, out_w, out_h)
@@ -325,23 +369,6 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
         out[ROI_END] = roi[:, 2:].astype(np.float32)
     if INTERP in names:
         out[INTERP] = _DALI_INTERP[interp]
-    if spec.color_jitter:
-        matrix, out[GRAY] = jitter_matrices(d.jitter[:n])  # the CPU backend's colour()
-        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1))
-    if spec.hsl_jitter:
-        out[HSL] = d.hsl[:n].astype(np.float32)
-    if spec.pca_noise:
-        out[PCA] = np.ascontiguousarray(d.pca[:n], np.float32)
-    if spec.rand_mirror:
-        out[MIRROR] = d.mirror[:n].astype(np.int32)
-    mult, bias = d.mult[:n], d.bias[:n]
-    if MEAN in names:  # (x - mean) * mult + bias as crop_mirror_normalize's (x - m) / s
-        out[MEAN] = (np.array(spec.mean, np.float32) - bias / mult).astype(np.float32)
-        out[STD] = (1 / mult).astype(np.float32)
-    if MULT in names:
-        shape = (n, 3, 1, 1) if spec.layout == "NCHW" else (n, 1, 1, 3)
-        out[MULT] = np.ascontiguousarray(mult.reshape(shape), np.float32)
-        out[BIAS] = np.ascontiguousarray(bias.reshape(shape), np.float32)
     return out
 
 
