@@ -24,7 +24,7 @@ from gpurec.backends.common import size_only as _size_only
 from gpurec.backends.common import staged as _staged
 from gpurec.draws import INTERP_CODES, LUMA, Draws, Geometry, geometry, jitter_matrices
 
-__all__ = ["INPUT", "DecoderSettings", "graph", "inputs", "parameters"]
+__all__ = ["INPUT", "PACKED", "DecoderSettings", "graph", "inputs", "pack", "parameters"]
 
 INPUT = "encoded"  # the external_source the encoded images are fed to
 # The per-sample parameters gpurec computes from its draws (gpurec.draws) and feeds beside
@@ -51,6 +51,12 @@ MULT = "mult"  # float32 (3,1,1) or (1,1,3): with mean_image, the multiplier in 
 BIAS = "bias"  # float32, same shape: with mean_image, the offset
 # bool: the window is resampled (False: the decoded slice is the output, an exact crop)
 RESAMPLE = "resample"
+# With packed=True (graph, pack): every parameter of an image in one float32 row, fed as
+# one input (each external_source fed costs tens of microseconds a batch in DALI)
+PACKED = "params"
+_INTEGRAL = (SLICE_START, SLICE_SHAPE, RESIZE_INTERP, INTERP, MIRROR)  # int32 in DALI
+_SHAPES = {MIRROR: (), RESIZE_INTERP: (), INTERP: (), RESAMPLE: (), WARP: (2, 3),
+           COLOUR: (3, 3)}  # fmt: skip
 
 # cv2 interpolation code (NEAREST, LINEAR, CUBIC, AREA, LANCZOS4) -> DALIInterpType value
 # (INTERP_NN, INTERP_LINEAR, INTERP_CUBIC, INTERP_LINEAR + antialias, INTERP_LANCZOS3).
@@ -429,6 +435,44 @@ def _hls_jitter(fn, types, images, offsets):
     return fn.cast(_round_even(fn, rgb * 255), dtype=types.UINT8)
 
 
+def _shape(spec: AugmentSpec, name: str) -> tuple[int, ...]:
+    """The per-sample shape of parameter ``name``."""
+    if name in (MULT, BIAS):
+        return (3, 1, 1) if spec.layout == "NCHW" else (1, 1, 3)
+    return _SHAPES.get(name, (3,) if name in (GRAY, HSL, PCA, MEAN, STD) else (2,))
+
+
+def pack(params: dict[str, np.ndarray], names: tuple[str, ...], n: int) -> np.ndarray:
+    """:func:`parameters`' arrays for ``n`` images as one float32 ``(n, K)`` array, in the
+    order of ``names`` (:func:`inputs`): the input of a ``packed`` graph. Every integer
+    fed is a pixel count, a code or a flag: exact in float32."""
+    if set(params) != set(names):
+        raise ValueError(f"parameters {sorted(params)} are not the graph's {sorted(names)}")
+    if not names:
+        return np.zeros((n, 0), np.float32)
+    return np.concatenate([np.asarray(params[k], np.float32).reshape(n, -1) for k in names],
+                          axis=1)  # fmt: skip
+
+
+def _unpacked(fn, types, spec: AugmentSpec, names: tuple[str, ...]) -> dict:
+    """The parameter nodes of a ``packed`` graph: slices of the one input :data:`PACKED`."""
+    flat = fn.external_source(name=PACKED, dtype=types.FLOAT, ndim=1)
+    params, at = {}, 0
+    for name in names:
+        shape = _shape(spec, name)
+        size = int(np.prod(shape))
+        node = flat[at] if not shape else flat[at : at + size]
+        if len(shape) > 1:
+            node = fn.reshape(node, shape=list(shape))
+        if name in _INTEGRAL:
+            node = fn.cast(node, dtype=types.INT32)
+        elif name == RESAMPLE:
+            node = fn.cast(node, dtype=types.BOOL)
+        params[name] = node
+        at += size
+    return params
+
+
 def _where(needed, images, step):
     """``step(images)`` for the samples where ``needed`` holds, ``images`` for the
     others: a per-sample ``if``, which DALI turns into a split and a merge of the batch
@@ -439,7 +483,8 @@ def _where(needed, images, step):
 
 
 def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
-          exact_crops: bool = False, settings: DecoderSettings | None = None):  # fmt: skip
+          exact_crops: bool = False, settings: DecoderSettings | None = None,
+          packed: bool = False):  # fmt: skip
     """The DALI graph of :mod:`gpurec.augment`'s steps, with the parameters gpurec
     computed (:func:`parameters`); returns the images. Call inside a pipeline.
 
@@ -470,10 +515,13 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
     output may be an exact crop of the decoded image (:func:`_may_crop_exactly`), such
     images are decoded as that window and not resampled (:data:`RESAMPLE`); resampling
     them at scale 1 gives the same pixels, at more than a 112-px decode's cost.
-    ``settings``: the decoders' settings (default: DALI's).
+    ``settings``: the decoders' settings (default: DALI's). ``packed``: the parameters
+    come in as one input (:data:`PACKED`, fed :func:`pack`'s array), not one each.
     """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
     names = inputs(spec, exact_crops)
+    if params is None and packed:
+        params = _unpacked(fn, types, spec, names)
     if params is None:
         params = {}
         for name in names:
