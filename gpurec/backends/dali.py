@@ -13,9 +13,12 @@ backends apply the same windows, matrices and factors to the same records.
 Records come from gpurec, not from a DALI reader: the order (:mod:`gpurec.order`) and
 the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, so both
 backends hand out the same records in the same order. The encoded images of a batch go
-in through ``fn.external_source`` (``feed_input``, one uint8 array per record), each
-parameter through one of its own (names: the module constants, :func:`inputs`); the
-labels never enter DALI: they travel beside the batch in a queue. A GIF record, or one
+in through ``fn.external_source`` (``feed_input`` of one TensorList wrapping a view of
+the memory map per record, no copy), the parameters through one more (one float32 row
+per image, :func:`gpurec.backends.dali_graph.pack`); the labels never enter DALI: they
+travel beside the batch in a queue. A record read once is read again from what that
+read learned (:class:`gpurec.backends.records.RecordTable`: where its image lies in the
+map, its size, its label), a whole batch at once. A GIF record, or one
 of a signature gpurec does not know (DALI cannot decode them; OpenCV, and so MXNet and
 the CPU backend, can), is decoded with OpenCV in the reader thread and fed as a BMP
 (:func:`encoded_for_dali`).
