@@ -8,8 +8,8 @@ graph has no random operator: every random number is gpurec's (:mod:`gpurec.draw
 turned per image into DALI's arguments (ROI, warp matrix, colour matrix, offsets, mirror
 flag, normalisation) by :func:`parameters`, from the image's size in its header, and
 fed beside the encoded images through one ``fn.external_source`` each (names: the module
-constants, :func:`inputs`), or all through one (``packed``, :func:`pack`). The runtime that builds, feeds and runs the pipeline is
-:mod:`gpurec.backends.dali`.
+constants, :func:`inputs`), or all through one (``packed``, :func:`pack`). The runtime
+that builds, feeds and runs the pipeline is :mod:`gpurec.backends.dali`.
 """
 
 from __future__ import annotations
