@@ -198,6 +198,9 @@ class CPUBackend:
         self._nchw = spec.layout == "NCHW"
         self._view = np.uint16 if self._dtype == np.float16 else None  # float16 LUT bits
         self._lookup = self._dtype != np.uint8  # uint8 holds the pixels as they are
+        # float32 CHW: _tables' arithmetic on each plane (cv2.LUT to float32 costs twice
+        # the three float32 operations; the result is the same to the bit)
+        self._mean32 = np.array(spec.mean, np.float32)
         self._mean_image = spec.mean_image  # (3, H, W) RGB, float32
         if spec.mean_image is not None and spec.dtype == "int8":
             self._mean_image = _round_half_away(spec.mean_image).astype(np.int16)
@@ -402,6 +405,13 @@ class CPUBackend:
         luts = self._luts(d, k) if self._lookup else None
         if self._nchw:
             planes = cv2.split(img, scratch[3:6])[::-1]  # R, G, B
+            if self._dtype == np.float32:  # the tables' arithmetic, plane by plane
+                mean, mult, bias = self._mean32, d.mult[k], d.bias[k]
+                for c in range(3):  # float32 ufuncs, one operation each, as _tables does
+                    np.subtract(planes[c], mean[c], out=dst[c], dtype=np.float32)
+                    np.multiply(dst[c], mult[c], out=dst[c])
+                    np.add(dst[c], bias[c], out=dst[c])
+                return
             for c in range(3):
                 out = dst[c]
                 if luts is None:
