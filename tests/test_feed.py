@@ -274,3 +274,27 @@ def test_parameters_kept_by_size_are_the_ones_worked_out(options: dict) -> None:
                     want[name] = parameters(spec, one, sizes, True)[name][k : k + 1]
                 assert got[name][k : k + 1].tobytes() == want[name].tobytes(), name
     assert len(kept) == 4
+
+
+def test_opencv_float32_planes_are_the_tables_lookup(tmp_path: Path) -> None:
+    """The OpenCV backend's float32 CHW normalisation (float32 arithmetic per plane) gives
+    to the bit what its lookup tables give for the uint8 pixels of the same batch, with the
+    normaliser's jitter (a multiplier and offset per image)."""
+    from gpurec.backends.cpu import _tables
+
+    rec = _sizes_tree(tmp_path / "s.rec", n=16)
+    kw = dict(device="cpu", backend="cpu", num_threads=2, seed=6, rand_mirror=True)
+    norm = dict(mean=(123.68, 116.28, 103.53), std=(58.4, 57.1, 57.4), max_random_contrast=0.3,
+                max_random_illumination=10.0)  # fmt: skip
+    with gpurec.Pipeline(str(rec), 8, (3, 24, 24), dtype="float32", **kw, **norm) as pipe:
+        floats = _epoch(pipe, 0)
+        plan = pipe.plan(0)
+        draws = [pipe.draws(plan, b, 8) for b in range(plan.batches)]
+        spec = pipe.spec
+    with gpurec.Pipeline(str(rec), 8, (3, 24, 24), dtype="uint8", **kw) as pipe:
+        pixels = _epoch(pipe, 0)
+    for (f, _), (u, _), d in zip(floats, pixels, draws, strict=True):
+        for k in range(len(f)):
+            tables = _tables(spec, d.mult[k], d.bias[k])
+            want = np.stack([tables[c][u[k, c]] for c in range(3)])
+            assert f[k].tobytes() == want.tobytes()
