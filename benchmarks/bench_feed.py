@@ -6,8 +6,9 @@ draw the batch's random numbers, turn them into DALI's per-image parameters
 (``DALIBackend._read``), and hand the batch to DALI's ``external_source``
 (``_Batch.feed``). Measured on one thread, per image, on two data sets:
 
-- ``face112``: 112x112 photo-like JPEGs packed as they are (pass-through), the
-  arcface transform (decode, random mirror, ``(x - 127.5) / 127.5``, CHW float32);
+- ``face112``: 112x112 photo-like JPEGs packed as they are (pass-through), the issue's
+  arcface command (``crop="center", rand_mirror=True, mean=127.5, std=127.5``; without
+  ``resize=0`` that first resizes to 128, which changes DALI's work, not this cost);
 - ``r256``: photo-like JPEGs packed at shorter side 256, the ImageNet training
   transform (random-resized crop 224, mirror, normalise, CHW float32).
 
