@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from gpurec.augment import AugmentSpec
+from gpurec.backends.dali_graph import DecoderSettings
 from gpurec.dataset import open_source
 from gpurec.draws import Draws, draw
 from gpurec.handoff import check_label_dtype, check_output, hand_off
@@ -106,12 +107,15 @@ class Pipeline:
     one of its batch (augmented with the failed position's own draws) and counts it in
     ``pipe.skipped`` (once per read: copies of it that pad a last batch are not counted);
     ``"raise"`` stops with the shard, record and byte offset. ``prefetch``: batches read
-    and decoded ahead of the caller.
+    and decoded ahead of the caller (DALI's prefetch queue depth).
     ``output``: ``"numpy"`` (``device="cpu"``), ``"cupy"`` (``device="gpu"``) or
     ``"torch"`` (tensors on that device, zero-copy and stream-ordered through DLPack;
     see :mod:`gpurec.handoff`); the default follows ``device``. ``label_dtype``:
     ``"float32"`` (the records' labels as stored) or ``"int64"`` (what
     ``CrossEntropyLoss`` takes).
+    ``hw_decoder_load``, ``device_memory_padding``, ``host_memory_padding``,
+    ``preallocate_width_hint``, ``preallocate_height_hint``: DALI's GPU JPEG decoder
+    settings (:class:`gpurec.backends.dali_graph.DecoderSettings`; DALI's defaults).
     """
 
     def __init__(
@@ -132,6 +136,11 @@ class Pipeline:
         on_error: str = "raise",
         num_threads: int | None = None,
         prefetch: int = 2,
+        hw_decoder_load: float = 0.65,
+        device_memory_padding: int = 16 << 20,
+        host_memory_padding: int = 8 << 20,
+        preallocate_width_hint: int = 0,
+        preallocate_height_hint: int = 0,
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
         storage_options: dict | None = None,
@@ -157,6 +166,9 @@ class Pipeline:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.output = check_output(output, device)
         self.label_dtype = check_label_dtype(label_dtype)
+        self.decoder = DecoderSettings(hw_decoder_load, device_memory_padding,
+                                       host_memory_padding, preallocate_width_hint,
+                                       preallocate_height_hint)  # fmt: skip
         num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
         shard_id = shard_id if shard_id is not None else _env_int("RANK") or 0
         if num_shards < 1 or not 0 <= shard_id < num_shards:

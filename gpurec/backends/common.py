@@ -26,6 +26,7 @@ __all__ = [
     "label_of",
     "reusable",
     "round_half_away",
+    "size_only",
     "staged",
     "stand_in_candidates",
     "window_resized",
@@ -47,6 +48,14 @@ def staged(spec: AugmentSpec) -> bool:
     everything after the resize is one warp to the output (one resampling). Both
     backends take this one condition, so that they resample the same way."""
     return window_resized(spec) or (spec.affine and spec.pad > 0)
+
+
+def size_only(spec: AugmentSpec) -> bool:
+    """Whether :func:`gpurec.draws.geometry` takes no draw for ``spec`` (no pre-crop
+    affine, no random or random-size window, no random interpolation): then an image's
+    geometry follows from its size alone, and a backend works it out once per size."""
+    return not (spec.affine or spec.crop in ("random", "random_resized") or spec.max_crop_size
+                or spec.interp == "random")  # fmt: skip
 
 
 def round_half_away(values: np.ndarray) -> np.ndarray:

@@ -89,9 +89,10 @@ import cv2
 import numpy as np
 
 from gpurec.augment import AugmentSpec
-from gpurec.backends.common import label_of, reusable, stand_in_candidates
+from gpurec.backends.common import label_of, reusable, size_only, stand_in_candidates
 from gpurec.backends.common import round_half_away as _round_half_away
 from gpurec.backends.common import staged as _staged
+from gpurec.backends.records import RecordTable
 from gpurec.draws import AREA, LUMA, Colour, Draws, Geometry, colour, enlarge_side, geometry
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, ImageInfo, UnknownImage, sniff
@@ -197,10 +198,15 @@ class CPUBackend:
         self._nchw = spec.layout == "NCHW"
         self._view = np.uint16 if self._dtype == np.float16 else None  # float16 LUT bits
         self._lookup = self._dtype != np.uint8  # uint8 holds the pixels as they are
+        # float32 CHW: _tables' arithmetic on each plane (cv2.LUT to float32 costs twice
+        # the three float32 operations; the result is the same to the bit)
+        self._mean32 = np.array(spec.mean, np.float32)
         self._mean_image = spec.mean_image  # (3, H, W) RGB, float32
         if spec.mean_image is not None and spec.dtype == "int8":
             self._mean_image = _round_half_away(spec.mean_image).astype(np.int16)
         self._local = threading.local()  # per-thread scratch images and tables, reused
+        self._table = RecordTable(self.dataset, self.label_width)  # records read before
+        self._by_size: dict | None = {} if size_only(spec) else None  # geometry per size
         # Batches handed out, reused once nobody holds them any more (see _new_batch).
         self._handed: deque[np.ndarray] = deque(maxlen=pipe.prefetch + 3)
         cv2.setNumThreads(1)  # parallelism comes from our threads
@@ -257,20 +263,34 @@ class CPUBackend:
             raise ImageError(f"cannot decode image ({info.format})")
         return img
 
-    def _decoded(self, payload, d: Draws, k: int) -> tuple[np.ndarray, Geometry, int]:
-        """Decode image ``k`` (reduced where :func:`reduction` allows): the pixels (BGR),
-        its geometry, and the scale denominator it was decoded at."""
-        spec = self.spec
+    def _info(self, payload) -> ImageInfo:
+        """The image's signature and header size (:func:`gpurec.transcode.sniff`)."""
         try:
-            info = sniff(payload)
+            return sniff(payload)
         except UnknownImage:  # OpenCV decides (Sun raster, PFM...), as the DALI backend does
-            info = ImageInfo("unknown")
+            return ImageInfo("unknown")
         except ImageError as exc:  # a known format, broken (cut short...): refused, as
             raise ImageError(f"cannot decode image: {exc}") from None  # on DALI
+
+    def _geometry_of(self, d: Draws, k: int, width: int, height: int) -> Geometry:
+        """:func:`gpurec.draws.geometry`, once per image size when it takes no draw."""
+        if self._by_size is None:
+            return geometry(self.spec, d, k, width, height)
+        geo = self._by_size.get((width, height))
+        if geo is None:
+            geo = self._by_size[width, height] = geometry(self.spec, d, k, width, height)
+        return geo
+
+    def _decoded(self, payload, d: Draws, k: int,
+                 info: ImageInfo) -> tuple[np.ndarray, Geometry, int]:  # fmt: skip
+        """Decode image ``k`` (reduced where :func:`reduction` allows), whose signature
+        and header size are ``info``: the pixels (BGR), its geometry, and the scale
+        denominator it was decoded at."""
+        spec = self.spec
         geo = None
         denom = 1
         if info.width and info.height:
-            geo = geometry(spec, d, k, info.width, info.height)
+            geo = self._geometry_of(d, k, info.width, info.height)
             if info.format == "jpeg":
                 denom = reduction(geo, spec)
         img = self._decode(payload, _REDUCED[denom])
@@ -281,7 +301,7 @@ class CPUBackend:
             img = self._decode(payload, _FULL)  # the header did not tell the truth
             dh, dw = img.shape[:2]
         if geo is None or (dw, dh) != geo.source:
-            geo = geometry(spec, d, k, dw, dh)
+            geo = self._geometry_of(d, k, dw, dh)
         return img, geo, 1
 
     def _geometry(self, img: np.ndarray, geo: Geometry, denom: int,
@@ -385,6 +405,13 @@ class CPUBackend:
         luts = self._luts(d, k) if self._lookup else None
         if self._nchw:
             planes = cv2.split(img, scratch[3:6])[::-1]  # R, G, B
+            if self._dtype == np.float32:  # the tables' arithmetic, plane by plane
+                mean, mult, bias = self._mean32, d.mult[k], d.bias[k]
+                for c in range(3):  # float32 ufuncs, one operation each, as _tables does
+                    np.subtract(planes[c], mean[c], out=dst[c], dtype=np.float32)
+                    np.multiply(dst[c], mult[c], out=dst[c])
+                    np.add(dst[c], bias[c], out=dst[c])
+                return
             for c in range(3):
                 out = dst[c]
                 if luts is None:
@@ -423,16 +450,31 @@ class CPUBackend:
 
     def _sample(self, index: int, d: Draws, k: int, data: np.ndarray, labels: np.ndarray,
                 scratch: list[np.ndarray]) -> None:  # fmt: skip
-        """Record ``index`` as image ``k`` of its batch, with that image's draws."""
-        header, payload = self._unpack(index)
-        labels[k] = self._label(header, index)
+        """Record ``index`` as image ``k`` of its batch, with that image's draws. A
+        record read before comes from what its first read learned (:attr:`_table`: no
+        header parsed, nothing sniffed); it is learned once it passed every step."""
+        table = self._table
+        learned = bool(table.start[index])
+        if learned:
+            payload = table.payload(index)
+            labels[k] = table.label[index]
+            width, height = table.size[index].tolist()
+            info = ImageInfo("jpeg" if table.jpeg[index] else "other", width, height)
+        else:
+            header, payload = self._unpack(index)
+            labels[k] = self._label(header, index)
         try:
-            img, geo, denom = self._decoded(payload, d, k)
+            if not learned:
+                info = self._info(payload)
+            img, geo, denom = self._decoded(payload, d, k, info)
         except ImageError as exc:
             raise self._error(index, str(exc)) from None
         img = self._geometry(img, geo, denom, scratch)
         img = self._colour(img, colour(self.spec, d, k), scratch)
         self._write(img, d, k, data[k], scratch)
+        if not learned and info.width and info.height:
+            table.learn(index, payload, (info.width, info.height), labels[k],
+                        info.format == "jpeg")  # fmt: skip
 
     def _task(self, items: list[tuple[int, int]], d: Draws, data: np.ndarray,
               labels: np.ndarray, stop_at_error: bool) -> list[tuple[int, Exception]]:  # fmt: skip
@@ -570,3 +612,4 @@ class CPUBackend:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._handed.clear()
+        self._table.close()

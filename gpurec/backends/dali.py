@@ -13,9 +13,12 @@ backends apply the same windows, matrices and factors to the same records.
 Records come from gpurec, not from a DALI reader: the order (:mod:`gpurec.order`) and
 the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, so both
 backends hand out the same records in the same order. The encoded images of a batch go
-in through ``fn.external_source`` (``feed_input``, one uint8 array per record), each
-parameter through one of its own (names: the module constants, :func:`inputs`); the
-labels never enter DALI: they travel beside the batch in a queue. A GIF record, or one
+in through ``fn.external_source`` (``feed_input`` of one TensorList wrapping a view of
+the memory map per record, no copy), the parameters through one more (one float32 row
+per image, :func:`gpurec.backends.dali_graph.pack`); the labels never enter DALI: they
+travel beside the batch in a queue. A record read once is read again from what that
+read learned (:class:`gpurec.backends.records.RecordTable`: where its image lies in the
+map, its size, its label), a whole batch at once. A GIF record, or one
 of a signature gpurec does not know (DALI cannot decode them; OpenCV, and so MXNet and
 the CPU backend, can), is decoded with OpenCV in the reader thread and fed as a BMP
 (:func:`encoded_for_dali`).
@@ -58,7 +61,8 @@ import cv2
 import numpy as np
 
 from gpurec.backends.common import label_of, reusable, stand_in_candidates
-from gpurec.backends.dali_graph import INPUT, graph, parameters
+from gpurec.backends.dali_graph import INPUT, PACKED, graph, inputs, pack, parameters
+from gpurec.backends.records import RecordTable
 from gpurec.recordio import RecordIOError, unpack_view
 from gpurec.transcode import ImageError, UnknownImage, sniff
 
@@ -81,11 +85,17 @@ def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int
     gives (JPEG, PNG, PNM, JPEG 2000); for BMP, TIFF and WebP the record's bytes and the
     size from decoding them once with OpenCV; for GIF and unknown signatures a BMP of
     OpenCV's decoding. Raises ImageError, worded as the CPU backend words it."""
+    encoded, size, _ = _encoded(payload)
+    return encoded, size
+
+
+def _encoded(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """:func:`encoded_for_dali`, and whether what is fed is the record's own bytes."""
     info = unknown = None
     try:
         info = sniff(payload)
         if info.format not in _DECODED_HERE and info.width and info.height:
-            return np.frombuffer(payload, np.uint8), (info.width, info.height)
+            return np.frombuffer(payload, np.uint8), (info.width, info.height), True
     except UnknownImage as exc:
         unknown = exc
     except ImageError as exc:  # a known format, broken (cut short...)
@@ -101,8 +111,8 @@ def encoded_for_dali(payload: bytes | memoryview) -> tuple[np.ndarray, tuple[int
     size = (image.shape[1], image.shape[0])
     if info is None or info.format in _DECODED_HERE:
         bmp = cv2.imencode(".bmp", image)[1]  # (a level-1 PNG would take ~10 ms)
-        return bmp.reshape(-1), size
-    return np.frombuffer(payload, np.uint8), size
+        return bmp.reshape(-1), size, False
+    return np.frombuffer(payload, np.uint8), size, True
 
 
 __all__ = ["DALIBackend", "encoded_for_dali"]
@@ -144,14 +154,18 @@ class _Batch:
     labels: np.ndarray
     real: int
     params: dict[str, np.ndarray]  # the graph's parameter inputs (see parameters())
+    packed: np.ndarray  # the same in one float32 row per image, as the graph takes them
     skipped: int = 0
     error: Exception | None = None  # raised when this batch is reached (on_error="raise")
 
     def feed(self, pipeline, positions: slice = slice(None)) -> None:
         """Feed the encoded images and the parameters of ``positions`` to ``pipeline``."""
-        pipeline.feed_input(INPUT, self.payloads[positions])
-        for name, values in self.params.items():
-            pipeline.feed_input(name, values[positions])
+        from nvidia.dali.backend import TensorListCPU
+
+        # One TensorList wrapping the arrays in place (no copy): DALI's feed_input
+        # checks and wraps a Python list's arrays one by one, ~1-2 us each.
+        pipeline.feed_input(INPUT, TensorListCPU(self.payloads[positions], contiguous=False))
+        pipeline.feed_input(PACKED, self.packed[positions])
 
 
 class DALIBackend:
@@ -171,6 +185,9 @@ class DALIBackend:
 
             self._device_id = cupy.cuda.Device().id
         self._bad: dict[int, str] = {}  # sample -> why it cannot be decoded
+        self._table = RecordTable(self.dataset, pipe.label_width)  # records read before
+        self._by_size: dict = {}  # geometric parameters by image size (dali_graph.parameters)
+        self._names = inputs(pipe.spec, exact_crops=True)  # the graph's parameters, in order
         # Fed to DALI when a batch has no good record at all: it is never handed out.
         self._filler = np.frombuffer(
             cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), np.uint8
@@ -194,11 +211,15 @@ class DALIBackend:
         from nvidia.dali import fn, pipeline_def, types
 
         pipe = self.pipe
-        pipeline = pipeline_def(graph, enable_checkpointing=True)(
+        # Conditionals: images that are exact crops skip the resize (dali_graph.graph)
+        pipeline = pipeline_def(graph, enable_checkpointing=True, enable_conditionals=True)(
             fn,
             types,
             pipe.spec,
             device=pipe.device,
+            exact_crops=True,
+            settings=pipe.decoder,
+            packed=True,  # one parameter input: each one fed costs DALI ~0.1 ms a batch
             batch_size=batch_size,
             num_threads=pipe.num_threads,
             device_id=self._device_id,
@@ -261,38 +282,60 @@ class DALIBackend:
         """An error that names the shard, the record and its byte offset."""
         return self.dataset.error(index, reason)
 
+    def _read_one(self, index: int, k: int, payloads: list, labels: np.ndarray,
+                  sizes: np.ndarray) -> Exception | None:  # fmt: skip
+        """Read and check record ``index`` into position ``k`` (learning it when it
+        passes); the error that names it, if it does not."""
+        if index in self._bad:
+            return self._error(index, self._bad[index])
+        try:
+            header, payload = unpack_view(self.dataset.read_view(index))
+        except RecordIOError as exc:
+            return self._error(index, exc.reason)
+        try:
+            labels[k] = self._label(header, index)
+            payloads[k], sizes[k], own = _encoded(payload)
+        except RecordIOError as exc:
+            return exc
+        except ImageError as exc:
+            return self._error(index, str(exc))
+        if own:
+            self._table.learn(index, payloads[k], sizes[k], labels[k])
+        return None
+
     def _read(self, plan: Plan, b: int) -> _Batch:
-        """Read, unpack and check batch ``b`` of ``plan`` (in the reader thread)."""
-        dataset, pipe = self.dataset, self.pipe
-        indices = plan.batch(b).tolist()
+        """Read, unpack and check batch ``b`` of ``plan`` (in the reader thread). Records
+        read before come from :attr:`_table` for the whole batch at once (what their
+        checks found); the others are read and checked one by one, and learned."""
+        pipe, table = self.pipe, self._table
+        batch = plan.batch(b)
+        indices = batch.tolist()
         n = len(indices)
-        payloads: list[np.ndarray | None] = [None] * n
         labels = np.empty((n, pipe.label_width), np.float32)
         sizes = np.empty((n, 2), np.int64)  # decoded width, height: the geometry needs them
         failed: list[tuple[int, Exception]] = []
-        for k, index in enumerate(indices):
-            if index in self._bad:
-                failed.append((k, self._error(index, self._bad[index])))
-                continue
-            try:
-                header, payload = unpack_view(dataset.read_view(index))
-            except RecordIOError as exc:
-                failed.append((k, self._error(index, exc.reason)))
-                continue
-            try:
-                labels[k] = self._label(header, index)
-                payloads[k], sizes[k] = encoded_for_dali(payload)
-            except RecordIOError as exc:
-                failed.append((k, exc))
-                continue
-            except ImageError as exc:
-                failed.append((k, self._error(index, str(exc))))
-                continue
+        known = table.known(batch)
+        if known.all():
+            payloads: list[np.ndarray | None] = table.payloads(batch)
+            labels[:] = table.label[batch]
+            sizes[:] = table.size[batch]
+        else:
+            payloads = [None] * n
+            if known.any():
+                where = np.flatnonzero(known)
+                for k, payload in zip(where.tolist(), table.payloads(batch[where]), strict=True):
+                    payloads[k] = payload
+                labels[where] = table.label[batch[where]]
+                sizes[where] = table.size[batch[where]]
+            for k in np.flatnonzero(~known).tolist():
+                error = self._read_one(indices[k], k, payloads, labels, sizes)
+                if error is not None:
+                    failed.append((k, error))
         draws = pipe.draws(plan, b, n)
         if not failed:
-            params = parameters(pipe.spec, draws, sizes)
+            params = parameters(pipe.spec, draws, sizes, True, self._by_size)
             return _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b],
-                          params)  # fmt: skip
+                          params, pack(params, self._names, n))  # fmt: skip
         # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic);
         # a batch with none gets the nearest earlier good record of the rank's plan.
         good = [k for k in range(n) if payloads[k] is not None]
@@ -308,8 +351,9 @@ class DALIBackend:
                 indices[k], payloads[k], labels[k], sizes[k] = stand_in
             else:
                 payloads[k], sizes[k] = self._filler, (8, 8)
-        params = parameters(pipe.spec, draws, sizes)
-        out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b], params)
+        params = parameters(pipe.spec, draws, sizes, True, self._by_size)
+        out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b], params,
+                     pack(params, self._names, n))  # fmt: skip
         if pipe.on_error == "raise":
             out.error = failed[0][1]
         elif not good and stand_in is None:
@@ -440,6 +484,8 @@ class DALIBackend:
         if not bad:
             raise RuntimeError(f"DALI failed on {where}: {_dali_reason(exc)}") from exc
         self._bad.update(bad)
+        for index in bad:
+            self._table.forget(index)
         here = [index for index in batch.indices if index in bad]
         if pipe.on_error == "raise" and here:
             raise self._error(
@@ -489,3 +535,4 @@ class DALIBackend:
         self._drain()
         self._done.clear()
         self._handed.clear()
+        self._table.close()

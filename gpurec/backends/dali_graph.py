@@ -8,20 +8,23 @@ graph has no random operator: every random number is gpurec's (:mod:`gpurec.draw
 turned per image into DALI's arguments (ROI, warp matrix, colour matrix, offsets, mirror
 flag, normalisation) by :func:`parameters`, from the image's size in its header, and
 fed beside the encoded images through one ``fn.external_source`` each (names: the module
-constants, :func:`inputs`). The runtime that builds, feeds and runs the pipeline is
-:mod:`gpurec.backends.dali`.
+constants, :func:`inputs`), or all through one (``packed``, :func:`pack`). The runtime
+that builds, feeds and runs the pipeline is :mod:`gpurec.backends.dali`.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from gpurec.augment import AugmentSpec
 from gpurec.backends.common import round_half_away as _round_half_away
+from gpurec.backends.common import size_only as _size_only
 from gpurec.backends.common import staged as _staged
-from gpurec.draws import INTERP_CODES, LUMA, Draws, geometry, jitter_matrices
+from gpurec.draws import INTERP_CODES, LUMA, Draws, Geometry, geometry, jitter_matrices
 
-__all__ = ["INPUT", "graph", "inputs", "parameters"]
+__all__ = ["INPUT", "PACKED", "DecoderSettings", "graph", "inputs", "pack", "parameters"]
 
 INPUT = "encoded"  # the external_source the encoded images are fed to
 # The per-sample parameters gpurec computes from its draws (gpurec.draws) and feeds beside
@@ -46,6 +49,14 @@ MEAN = "mean"  # float32 (3,): crop_mirror_normalize's mean, from the draws' mul
 STD = "std"  # float32 (3,)
 MULT = "mult"  # float32 (3,1,1) or (1,1,3): with mean_image, the multiplier in the layout
 BIAS = "bias"  # float32, same shape: with mean_image, the offset
+# bool: the window is resampled (False: the decoded slice is the output, an exact crop)
+RESAMPLE = "resample"
+# With packed=True (graph, pack): every parameter of an image in one float32 row, fed as
+# one input (each external_source fed costs tens of microseconds a batch in DALI)
+PACKED = "params"
+_INTEGRAL = (SLICE_START, SLICE_SHAPE, RESIZE_INTERP, INTERP, MIRROR)  # int32 in DALI
+_SHAPES = {MIRROR: (), RESIZE_INTERP: (), INTERP: (), RESAMPLE: (), WARP: (2, 3),
+           COLOUR: (3, 3)}  # fmt: skip
 
 # cv2 interpolation code (NEAREST, LINEAR, CUBIC, AREA, LANCZOS4) -> DALIInterpType value
 # (INTERP_NN, INTERP_LINEAR, INTERP_CUBIC, INTERP_LINEAR + antialias, INTERP_LANCZOS3).
@@ -55,6 +66,40 @@ _DALI_INTERP = np.array([0, 1, 2, 1, 3], np.int32)
 _SLICE_MARGIN = 3
 # Pixel centres (OpenCV, gpurec.draws) to pixel corners (DALI): x_corner = x_centre + 0.5.
 _CORNER = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """The settings of DALI's image decoder that matter on a GPU (``device="gpu"``, the
+    ``"mixed"`` decoder), as Pipeline keywords; the defaults are DALI's own.
+
+    ``hw_decoder_load``: the share of each batch's JPEGs sent to the A100/H100 hardware
+    JPEG decoder (the rest go to nvJPEG's CUDA decoder); 0 turns it off.
+    ``device_memory_padding`` / ``host_memory_padding``: bytes added to each of nvJPEG's
+    device / pinned host buffers when they grow, so that a slightly larger image does not
+    reallocate. ``preallocate_width_hint`` / ``preallocate_height_hint``: the largest image
+    expected, for the hardware decoder to allocate its buffers once up front (0: none).
+    In DALI's CPU mode the decoder takes and ignores them."""
+
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 16 << 20
+    host_memory_padding: int = 8 << 20
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
+
+    def __post_init__(self) -> None:
+        load = self.hw_decoder_load
+        if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= 1:
+            raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {load!r}")
+        for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                     "preallocate_height_hint"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    def arguments(self) -> dict:
+        """The keyword arguments of DALI's decoders."""
+        return {**asdict(self), "hw_decoder_load": float(self.hw_decoder_load)}
 
 
 def _warped(spec: AugmentSpec) -> bool:
@@ -85,8 +130,19 @@ def _jittered(spec: AugmentSpec) -> bool:
     return spec.jitters_normalisation
 
 
-def inputs(spec: AugmentSpec) -> tuple[str, ...]:
-    """The names of the parameter inputs :func:`graph` has for ``spec`` (beside INPUT)."""
+def _may_crop_exactly(spec: AugmentSpec) -> bool:
+    """Whether images may come out as a window of the decoded image at its resolution,
+    with nothing resampled: a data-shape crop (centred or random) of an image at least
+    that large and already at the resize step's size (faces packed at 112 and cut at
+    112, ImageNet's 256-px records centre-cut at 224). The graph then resamples only the
+    images that need it (:data:`RESAMPLE`, DALI's per-sample conditionals): DALI's CPU
+    resize costs more than decoding a 112-px JPEG, even at scale 1."""
+    return not _warped(spec) and spec.crop in ("center", "random") and not spec.max_crop_size
+
+
+def inputs(spec: AugmentSpec, exact_crops: bool = False) -> tuple[str, ...]:
+    """The names of the parameter inputs :func:`graph` has for ``spec`` (beside INPUT);
+    ``exact_crops``: see :func:`graph`."""
     names: list[str] = []
     per_image = _interp_per_image(spec)
     if _warped(spec):
@@ -100,6 +156,7 @@ def inputs(spec: AugmentSpec) -> tuple[str, ...]:
     else:
         names += [SLICE_START, SLICE_SHAPE, ROI_START, ROI_END]
         names += [INTERP] if per_image else []
+        names += [RESAMPLE] if exact_crops and _may_crop_exactly(spec) else []
     if spec.color_jitter:
         names += [COLOUR, GRAY]
     if spec.hsl_jitter:
@@ -126,15 +183,122 @@ def _axis_window(m: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([y0, x0, y0 + height * py, x0 + width * px], axis=-1)
 
 
-def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.ndarray]:
+def _geometries(spec: AugmentSpec, d: Draws, sizes: np.ndarray,
+                rows: np.ndarray) -> list[Geometry]:  # fmt: skip
+    """:func:`gpurec.draws.geometry` of images of ``sizes`` (``(n, 2)``: decoded width,
+    height) with the draws of rows ``rows``."""
+    return [geometry(spec, d, int(k), int(w), int(h))
+            for k, (w, h) in zip(rows.tolist(), sizes.tolist(), strict=True)]  # fmt: skip
+
+
+def _random_resized(spec: AugmentSpec) -> bool:
+    """Whether the batch's geometry can be worked out at once by :func:`_window_maps`:
+    a random-resized crop of the source itself (no resize step, no affine, no padding),
+    one interpolation for every image."""
+    return (spec.crop == "random_resized" and not spec.resize and not spec.affine
+            and not spec.pad and not _interp_per_image(spec))  # fmt: skip
+
+
+def _window_maps(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> np.ndarray:
+    """The 2x3 source-to-output maps of a random-resized crop (:func:`_random_resized`)
+    for the whole batch, as :func:`gpurec.draws.geometry` makes them one by one (the same
+    float64 operations in the same order, elementwise, and the same 3x3 products) for
+    the images where one of the attempts fits; geometry() itself for the others."""
+    n = len(sizes)
+    width, height = sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64)
+    u = d.attempts[:n]
+    area = (width * height).astype(np.float64)[:, None]
+    target = area * (u[..., 0] * (spec.max_random_area - spec.min_random_area)
+                     + spec.min_random_area)  # fmt: skip
+    ratio = u[..., 1] * (spec.max_aspect_ratio - spec.min_aspect_ratio) + spec.min_aspect_ratio
+    h = np.rint(np.sqrt(target / ratio))  # Python's round(): halves to even, as np.rint
+    w = np.rint(np.sqrt(target * ratio))
+    swap = u[..., 2] > 0.5
+    w, h = np.where(swap, h, w), np.where(swap, w, h)
+    fits = (h > 0) & (h <= height[:, None]) & (w > 0) & (w <= width[:, None])
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(n)
+    w, h = w[rows, first], h[rows, first]
+    u_y, u_x = u[rows, first, 3], u[rows, first, 4]
+
+    def randint(v: np.ndarray, high: np.ndarray) -> np.ndarray:  # draws._randint
+        return np.where(high > 0, np.minimum(np.floor(v * (high + 1)), high), 0)
+
+    x = randint(u_x, width - w)
+    y = randint(u_y, height - h)
+    shift = np.tile(np.eye(3), (n, 1, 1))  # the window's corner to the origin
+    shift[:, 0, 2], shift[:, 1, 2] = -x, -y
+    sx, sy = spec.width / w, spec.height / h
+    resize = np.zeros((n, 3, 3))  # draws._resize_map((w, h), output size)
+    resize[:, 0, 0], resize[:, 0, 2] = sx, 0.5 * sx - 0.5
+    resize[:, 1, 1], resize[:, 1, 2] = sy, 0.5 * sy - 0.5
+    resize[:, 2, 2] = 1
+    # geometry()'s products (total = m @ total, from the identity), stacked: NumPy's
+    # matmul runs the same 3x3 product per image (tests/test_feed.py checks the bits)
+    matrices = np.matmul(resize, np.matmul(shift, np.eye(3)))[:, :2]
+    for k in np.flatnonzero(~fits.any(axis=1)).tolist():  # no attempt fits: the fallback
+        matrices[k] = geometry(spec, d, k, int(width[k]), int(height[k])).matrix
+    return matrices
+
+
+def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray, exact_crops: bool = False,
+               by_size: dict | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """The per-sample arrays :func:`graph` takes for images of ``sizes`` (``(n, 2)``:
     decoded width, height) augmented with draws ``d``: one array per name of
-    :func:`inputs`, the batch along the first axis. The geometry is gpurec.draws'
-    (MXNet's steps) turned into DALI's arguments; the colour and normalisation arrays are
-    built for the whole batch at once."""
+    :func:`inputs` (``exact_crops``: see :func:`graph`), the batch along the first axis.
+    The geometry is gpurec.draws' (MXNet's steps) turned into DALI's arguments; the colour
+    and normalisation arrays are built for the whole batch at once. When the geometry
+    takes no draw it is worked out once per distinct size, and kept in ``by_size`` (a
+    dict the caller keeps for one ``spec`` and ``exact_crops``) across batches."""
+    n = len(sizes)
+    names = inputs(spec, exact_crops)
+    if _size_only(spec):
+        key = (sizes[:, 0].astype(np.int64) << 32) | sizes[:, 1].astype(np.int64)
+        distinct, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        keys = distinct.tolist()
+        known = {} if by_size is None else by_size
+        missing = [j for j, k in enumerate(keys) if k not in known]
+        if missing:
+            rows = first[missing]
+            new = _geometric(spec, d, sizes[rows], rows, names)
+            if len(known) > 100_000:  # a bound: sizes are few in practice
+                known.clear()
+            for i, j in enumerate(missing):
+                known[keys[j]] = {name: values[i : i + 1] for name, values in new.items()}
+        rows_of = [known[k] for k in keys]
+        inverse = inverse.reshape(-1)
+        if len(keys) == 1:
+            out = {name: np.repeat(values, n, axis=0) for name, values in rows_of[0].items()}
+        else:
+            out = {name: np.concatenate([r[name] for r in rows_of])[inverse] for name in rows_of[0]}
+    else:
+        out = _geometric(spec, d, sizes, np.arange(n), names)
+    if spec.color_jitter:
+        matrix, out[GRAY] = jitter_matrices(d.jitter[:n])  # the CPU backend's colour()
+        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1))
+    if spec.hsl_jitter:
+        out[HSL] = d.hsl[:n].astype(np.float32)
+    if spec.pca_noise:
+        out[PCA] = np.ascontiguousarray(d.pca[:n], np.float32)
+    if spec.rand_mirror:
+        out[MIRROR] = d.mirror[:n].astype(np.int32)
+    mult, bias = d.mult[:n], d.bias[:n]
+    if MEAN in names:  # (x - mean) * mult + bias as crop_mirror_normalize's (x - m) / s
+        out[MEAN] = (np.array(spec.mean, np.float32) - bias / mult).astype(np.float32)
+        out[STD] = (1 / mult).astype(np.float32)
+    if MULT in names:
+        shape = (n, 3, 1, 1) if spec.layout == "NCHW" else (n, 1, 1, 3)
+        out[MULT] = np.ascontiguousarray(mult.reshape(shape), np.float32)
+        out[BIAS] = np.ascontiguousarray(bias.reshape(shape), np.float32)
+    return out
+
+
+def _geometric(spec: AugmentSpec, d: Draws, sizes: np.ndarray, rows: np.ndarray,
+               names: tuple[str, ...]) -> dict[str, np.ndarray]:  # fmt: skip
+    """The geometric parameters (:func:`parameters`) of images of ``sizes`` with the draws
+    of rows ``rows``."""
     n = len(sizes)
     out: dict[str, np.ndarray] = {}
-    names = inputs(spec)
     out_w, out_h = spec.width, spec.height
     roi = np.empty((n, 4), np.float64)  # y0, x0, y1, x1
     interp = np.empty(n, np.int32)
@@ -148,8 +312,7 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         first = np.tile(np.eye(3), (n, 1, 1))  # source -> step 1's image
         total = np.tile(np.eye(3), (n, 1, 1))  # source -> output
         fwd = np.tile(np.eye(3), (n, 1, 1))  # step 1's image -> the warp's output
-        for k in range(n):
-            geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
+        for k, geo in enumerate(_geometries(spec, d, sizes, rows)):
             if geo.resized is not None:
                 w, h = geo.resized
                 sx, sy = w / geo.source[0], h / geo.source[1]
@@ -179,11 +342,12 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         if RESIZE_INTERP in names:
             out[RESIZE_INTERP] = _DALI_INTERP[resize_interp]
     else:
-        matrices = np.empty((n, 2, 3))
-        for k in range(n):
-            geo = geometry(spec, d, k, int(sizes[k, 0]), int(sizes[k, 1]))
-            matrices[k] = geo.matrix
-            interp[k] = geo.interps["composed"]
+        if _random_resized(spec):  # interp is a constant of the graph: not needed
+            matrices = _window_maps(spec, d, sizes)
+        else:
+            geos = _geometries(spec, d, sizes, rows)
+            matrices = np.array([geo.matrix for geo in geos]).reshape(n, 2, 3)
+            interp[:] = [geo.interps["composed"] for geo in geos]
         roi[:] = _axis_window(matrices, out_w, out_h)
         # Decode only the region and the reach of the resampling filter around it (ROI
         # decoding): the resize sees the same pixels as in the whole image.
@@ -192,32 +356,25 @@ def parameters(spec: AugmentSpec, d: Draws, sizes: np.ndarray) -> dict[str, np.n
         margin = np.ceil(_SLICE_MARGIN * np.maximum(1.0, 1.0 / scale)) + 1
         lo = np.clip(np.floor(roi[:, :2] - margin), 0, hw - 1)
         hi = np.clip(np.ceil(roi[:, 2:] + margin), lo + 1, hw)
-        out[SLICE_START] = lo.astype(np.int32)
-        out[SLICE_SHAPE] = (hi - lo).astype(np.int32)
         roi[:, :2] -= lo
         roi[:, 2:] -= lo
+        if RESAMPLE in names:  # an exact crop: the slice is the window, nothing resampled
+            m = matrices
+            x, y = -m[:, 0, 2], -m[:, 1, 2]
+            exact = ((m[:, 0, 0] == 1) & (m[:, 1, 1] == 1) & (m[:, 0, 1] == 0) & (m[:, 1, 0] == 0)
+                     & (x == np.floor(x)) & (y == np.floor(y)) & (x >= 0) & (y >= 0)
+                     & (x + out_w <= hw[:, 1]) & (y + out_h <= hw[:, 0]))  # fmt: skip
+            lo[exact] = np.stack([y[exact], x[exact]], axis=1)
+            hi[exact] = lo[exact] + (out_h, out_w)
+            roi[exact] = 0, 0, out_h, out_w
+            out[RESAMPLE] = ~exact
+        out[SLICE_START] = lo.astype(np.int32)
+        out[SLICE_SHAPE] = (hi - lo).astype(np.int32)
     if ROI_START in names:
         out[ROI_START] = roi[:, :2].astype(np.float32)
         out[ROI_END] = roi[:, 2:].astype(np.float32)
     if INTERP in names:
         out[INTERP] = _DALI_INTERP[interp]
-    if spec.color_jitter:
-        matrix, out[GRAY] = jitter_matrices(d.jitter[:n])  # the CPU backend's colour()
-        out[COLOUR] = np.ascontiguousarray(matrix.transpose(0, 2, 1))
-    if spec.hsl_jitter:
-        out[HSL] = d.hsl[:n].astype(np.float32)
-    if spec.pca_noise:
-        out[PCA] = np.ascontiguousarray(d.pca[:n], np.float32)
-    if spec.rand_mirror:
-        out[MIRROR] = d.mirror[:n].astype(np.int32)
-    mult, bias = d.mult[:n], d.bias[:n]
-    if MEAN in names:  # (x - mean) * mult + bias as crop_mirror_normalize's (x - m) / s
-        out[MEAN] = (np.array(spec.mean, np.float32) - bias / mult).astype(np.float32)
-        out[STD] = (1 / mult).astype(np.float32)
-    if MULT in names:
-        shape = (n, 3, 1, 1) if spec.layout == "NCHW" else (n, 1, 1, 3)
-        out[MULT] = np.ascontiguousarray(mult.reshape(shape), np.float32)
-        out[BIAS] = np.ascontiguousarray(bias.reshape(shape), np.float32)
     return out
 
 
@@ -278,7 +435,56 @@ def _hls_jitter(fn, types, images, offsets):
     return fn.cast(_round_even(fn, rgb * 255), dtype=types.UINT8)
 
 
-def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None):
+def _shape(spec: AugmentSpec, name: str) -> tuple[int, ...]:
+    """The per-sample shape of parameter ``name``."""
+    if name in (MULT, BIAS):
+        return (3, 1, 1) if spec.layout == "NCHW" else (1, 1, 3)
+    return _SHAPES.get(name, (3,) if name in (GRAY, HSL, PCA, MEAN, STD) else (2,))
+
+
+def pack(params: dict[str, np.ndarray], names: tuple[str, ...], n: int) -> np.ndarray:
+    """:func:`parameters`' arrays for ``n`` images as one float32 ``(n, K)`` array, in the
+    order of ``names`` (:func:`inputs`): the input of a ``packed`` graph. Every integer
+    fed is a pixel count, a code or a flag: exact in float32."""
+    if set(params) != set(names):
+        raise ValueError(f"parameters {sorted(params)} are not the graph's {sorted(names)}")
+    if not names:
+        return np.zeros((n, 0), np.float32)
+    return np.concatenate([np.asarray(params[k], np.float32).reshape(n, -1) for k in names],
+                          axis=1)  # fmt: skip
+
+
+def _unpacked(fn, types, spec: AugmentSpec, names: tuple[str, ...]) -> dict:
+    """The parameter nodes of a ``packed`` graph: slices of the one input :data:`PACKED`."""
+    flat = fn.external_source(name=PACKED, dtype=types.FLOAT, ndim=1)
+    params, at = {}, 0
+    for name in names:
+        shape = _shape(spec, name)
+        size = int(np.prod(shape))
+        node = flat[at] if not shape else flat[at : at + size]
+        if len(shape) > 1:
+            node = fn.reshape(node, shape=list(shape))
+        if name in _INTEGRAL:
+            node = fn.cast(node, dtype=types.INT32)
+        elif name == RESAMPLE:
+            node = fn.cast(node, dtype=types.BOOL)
+        params[name] = node
+        at += size
+    return params
+
+
+def _where(needed, images, step):
+    """``step(images)`` for the samples where ``needed`` holds, ``images`` for the
+    others: a per-sample ``if``, which DALI turns into a split and a merge of the batch
+    (a pipeline built with ``enable_conditionals=True``)."""
+    if needed:
+        images = step(images)
+    return images
+
+
+def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
+          exact_crops: bool = False, settings: DecoderSettings | None = None,
+          packed: bool = False):  # fmt: skip
     """The DALI graph of :mod:`gpurec.augment`'s steps, with the parameters gpurec
     computed (:func:`parameters`); returns the images. Call inside a pipeline.
 
@@ -304,16 +510,26 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
     Normalisation: ``crop_mirror_normalize`` (mirror included); with ``mean_image`` the
     image is normalised unmirrored and flipped last, as MXNet subtracts the mean image
     before it mirrors.
+
+    ``exact_crops`` (the pipeline built with ``enable_conditionals=True``): where the
+    output may be an exact crop of the decoded image (:func:`_may_crop_exactly`), such
+    images are decoded as that window and not resampled (:data:`RESAMPLE`); resampling
+    them at scale 1 gives the same pixels, at more than a 112-px decode's cost.
+    ``settings``: the decoders' settings (default: DALI's). ``packed``: the parameters
+    come in as one input (:data:`PACKED`, fed :func:`pack`'s array), not one each.
     """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
-    names = inputs(spec)
+    names = inputs(spec, exact_crops)
+    if params is None and packed:
+        params = _unpacked(fn, types, spec, names)
     if params is None:
         params = {}
         for name in names:
             dtype = types.INT32 if name in (SLICE_START, SLICE_SHAPE, RESIZE_INTERP, INTERP,
                                             MIRROR) else types.FLOAT  # fmt: skip
+            dtype = types.BOOL if name == RESAMPLE else dtype
             ndim = {MIRROR: 0, RESIZE_INTERP: 0, INTERP: 0, WARP: 2, COLOUR: 2, MULT: 3,
-                    BIAS: 3}.get(name, 1)  # fmt: skip
+                    BIAS: 3, RESAMPLE: 0}.get(name, 1)  # fmt: skip
             params[name] = fn.external_source(name=name, dtype=dtype, ndim=ndim)
     here = (lambda node: node.gpu()) if decoder == "mixed" else (lambda node: node)
     if jpegs is None:
@@ -321,6 +537,7 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
         jpegs = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
     h, w = spec.height, spec.width
     antialias = _antialias(spec)
+    decoding = (settings or DecoderSettings()).arguments()
     if _interp_per_image(spec):
         interp = lambda name: fn.cast(params[name], dtype=types.INTERP_TYPE)  # noqa: E731
     else:  # one interpolation for every image and step: a constant of the graph
@@ -329,7 +546,7 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
         interp = lambda name: fixed  # noqa: E731
     if _warped(spec):
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
-                                   adjust_orientation=False)  # fmt: skip
+                                   adjust_orientation=False, **decoding)  # fmt: skip
         if spec.resize:
             images = fn.resize(images, size=params[RESIZED], interp_type=interp(RESIZE_INTERP),
                                antialias=antialias)  # fmt: skip
@@ -360,10 +577,15 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None)
             start=params[SLICE_START],
             shape=params[SLICE_SHAPE],
             axis_names="HW",
+            **decoding,
         )
-        images = fn.resize(images, size=(h, w), roi_start=params[ROI_START],
-                           roi_end=params[ROI_END], roi_relative=False,
-                           interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
+
+        def window(images):
+            return fn.resize(images, size=(h, w), roi_start=params[ROI_START],
+                             roi_end=params[ROI_END], roi_relative=False,
+                             interp_type=interp(INTERP), antialias=antialias)  # fmt: skip
+
+        images = _where(params[RESAMPLE], images, window) if RESAMPLE in names else window(images)
     if spec.color_jitter:  # out = M x + g * mean gray, rounded and saturated to uint8
         columns = here(params[COLOUR])
         mean = fn.reductions.mean(images, axes=(0, 1))
