@@ -545,6 +545,11 @@ class _FetchingReader:
     def view_at(self, offset: int) -> memoryview | bytes:
         return self._open().view_at(offset)
 
+    def mapped(self) -> memoryview | None:
+        """The shard's map once it has arrived; None while it is being fetched (no wait)."""
+        reader = self._reader
+        return None if reader is None else reader.mapped()
+
     def _open(self) -> RecordReader:
         reader = self._reader
         if reader is None:

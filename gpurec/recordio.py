@@ -586,6 +586,7 @@ class ShardReader(Protocol):
     def skip_at(self, offset: int) -> int: ...
     def read_at(self, offset: int) -> tuple[bytes, int]: ...
     def view_at(self, offset: int) -> memoryview | bytes: ...
+    def mapped(self) -> memoryview | None: ...
     def close(self) -> None: ...
 
 
@@ -713,6 +714,11 @@ class RecordReader:
         memory map (a record split into parts is joined: a copy). Loaders that decode
         straight from it allocate nothing per record, which keeps their memory flat."""
         return _read_frames(self._view, self.size, int(offset), self.path)[0]
+
+    def mapped(self) -> memoryview | None:
+        """The whole file as mapped (a view, no copy), for readers that slice many
+        records out of it at once; None for an empty file."""
+        return self._view if self.size else None
 
     def __getitem__(self, i: int) -> bytes:
         offsets = self.offsets

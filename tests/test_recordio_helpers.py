@@ -135,5 +135,10 @@ def test_both_readers_serve_the_shard_reader_protocol(tmp_path: Path) -> None:
         remote.check_offsets(np.array([3]))
     with pytest.raises(RecordIOError, match=r"\.idx line 1 \(offset 3\) points not at a record"):
         local.check_offsets(np.array([3]))
+    whole = (tmp_path / "a.rec").read_bytes()
+    assert bytes(local.mapped()) == whole
+    assert remote.mapped() is None  # not arrived: no wait for the fetch
+    remote.read_at(0)
+    assert bytes(remote.mapped()) == whole
     local.close()
     remote.close()

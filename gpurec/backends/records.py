@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpurec.recordio import RecordReader
-
 if TYPE_CHECKING:
     from gpurec.dataset import Dataset
 
@@ -51,11 +49,10 @@ class RecordTable:
         fetched, an empty file)."""
         buf = self._maps[shard]
         if buf is None:
-            reader = self.dataset.shards[shard].reader
-            reader = getattr(reader, "_reader", reader)  # a fetched shard, once it arrived
-            if not isinstance(reader, RecordReader) or not reader.size:
+            view = self.dataset.shards[shard].reader.mapped()  # a fetched shard: once here
+            if view is None:
                 return None
-            buf = self._maps[shard] = np.frombuffer(reader._view, np.uint8)
+            buf = self._maps[shard] = np.frombuffer(view, np.uint8)
         return buf
 
     def learn(self, index: int, payload, size, label, jpeg: bool = False) -> None:
