@@ -745,3 +745,40 @@ def test_a_warped_image_smaller_than_its_resize_is_enlarged_before_the_warp(tmp_
     assert (got[0][:, 8:24, 8:24] == np.array([220, 160, 30])[:, None, None]).all()
     for k, (g, w) in enumerate(zip(got, want, strict=True)):
         assert np.abs(g.astype(int) - w.astype(int)).max() <= 1, k
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_batches_are_the_uint8_pixels_normalised_around_bad_records(
+    tmp_path, threads
+) -> None:
+    """The float32 CHW batches (normalised many images at once, per task) hold, at every
+    position, the uint8 batch's pixels put through ``(x - mean) * mult + bias`` in
+    float32, the bits MXNet's arithmetic gives; bad records at a task's first, middle
+    and last images (tasks of 2 and 4 images) are replaced by the same stand-ins."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (20, 20, 3), np.uint8) for _ in range(24)]
+    rec = write_records(tmp_path / "n.rec", images, [float(i) for i in range(24)])
+    bad = {2, 7, 8, 13, 23}
+    from gpurec.recordio import IRHeader, RecordWriter, pack
+
+    with RecordWriter(rec, rec.with_suffix(".idx")) as writer:  # the same, some broken
+        for i, img in enumerate(images):
+            data = b"not an image" if i in bad else cv2.imencode(".png", img)[1].tobytes()
+            writer.write(pack(IRHeader(0, float(i), i, 0), data), key=i)
+    kw = dict(device="cpu", backend="cpu", num_threads=threads, seed=3, rand_mirror=True,
+              crop="random", resize=0, on_error="skip", shuffle=False)  # fmt: skip
+    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    with Pipeline(str(rec), 8, (3, 16, 16), dtype="uint8", **kw) as pipe:
+        want = [(b.data.copy(), b.label.copy()) for b in pipe]
+        want_skipped = pipe.skipped
+    with Pipeline(str(rec), 8, (3, 16, 16), mean=mean, std=std, **kw) as pipe:
+        got = [(b.data.copy(), b.label.copy()) for b in pipe]
+        assert pipe.skipped == want_skipped == len(bad)
+    m = np.array(mean, np.float32)[:, None, None]
+    mult = (1 / np.array(std)).astype(np.float32)[:, None, None]
+    for (pixels, labels), (data, got_labels) in zip(want, got, strict=True):
+        np.testing.assert_array_equal(got_labels, labels)
+        assert data.dtype == np.float32
+        expected = (pixels.astype(np.float32) - m) * mult + np.float32(0)
+        np.testing.assert_array_equal(data, expected)
+    assert len({int(v) for _, labels in want for v in labels} & bad) == 0

@@ -198,9 +198,11 @@ class CPUBackend:
         self._nchw = spec.layout == "NCHW"
         self._view = np.uint16 if self._dtype == np.float16 else None  # float16 LUT bits
         self._lookup = self._dtype != np.uint8  # uint8 holds the pixels as they are
-        # float32 CHW: _tables' arithmetic on each plane (cv2.LUT to float32 costs twice
-        # the three float32 operations; the result is the same to the bit)
-        self._mean32 = np.array(spec.mean, np.float32)
+        # float32 CHW: _tables' arithmetic (cv2.LUT to float32 costs twice the three
+        # float32 operations; the result is the same to the bit), on many images at once
+        # (_planes, then _normalise for the task's images)
+        self._planar = self._nchw and self._dtype == np.float32 and spec.mean_image is None
+        self._mean32 = np.array(spec.mean, np.float32)[:, None, None]
         self._mean_image = spec.mean_image  # (3, H, W) RGB, float32
         if spec.mean_image is not None and spec.dtype == "int8":
             self._mean_image = _round_half_away(spec.mean_image).astype(np.int16)
@@ -236,14 +238,17 @@ class CPUBackend:
     # ----------------------------------------------------------------------- pixels
     def _scratch(self) -> list[np.ndarray]:
         """This thread's reusable output-size images (resized/warped, colour, mirrored,
-        three planes, a float plane): fresh arrays per image would cost page faults, as
-        the allocator hands big ones back."""
+        three planes, a float plane, and with :attr:`_planar` the RGB planes of a task's
+        images): fresh arrays per image would cost page faults, as the allocator hands big
+        ones back."""
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             h, w = self.spec.height, self.spec.width
             scratch = [np.empty((h, w, 3), np.uint8) for _ in range(3)]
             scratch += [np.empty((h, w), np.uint8) for _ in range(3)]
             scratch.append(np.empty((h, w), np.float32))
+            if self._planar:
+                scratch.append(np.empty((self._chunk, 3, h, w), np.uint8))
             self._local.scratch = scratch
         return scratch
 
@@ -405,13 +410,6 @@ class CPUBackend:
         luts = self._luts(d, k) if self._lookup else None
         if self._nchw:
             planes = cv2.split(img, scratch[3:6])[::-1]  # R, G, B
-            if self._dtype == np.float32:  # the tables' arithmetic, plane by plane
-                mean, mult, bias = self._mean32, d.mult[k], d.bias[k]
-                for c in range(3):  # float32 ufuncs, one operation each, as _tables does
-                    np.subtract(planes[c], mean[c], out=dst[c], dtype=np.float32)
-                    np.multiply(dst[c], mult[c], out=dst[c])
-                    np.add(dst[c], bias[c], out=dst[c])
-                return
             for c in range(3):
                 out = dst[c]
                 if luts is None:
@@ -429,6 +427,29 @@ class CPUBackend:
         out = dst if self._view is None else dst.view(self._view)
         if cv2.LUT(img, luts.rgb, dst=out) is not out:
             raise RuntimeError("cv2.LUT did not write into the batch")  # pragma: no cover
+
+    @staticmethod
+    def _planes(img: np.ndarray, mirror: bool, slot: np.ndarray, scratch: list[np.ndarray]) -> None:
+        """BGR ``img`` as mirrored (if so drawn) RGB planes into ``slot`` (``(3, h, w)``
+        uint8), for :meth:`_normalise` (the :attr:`_planar` layout)."""
+        if mirror:
+            img = cv2.flip(img, 1, dst=scratch[2])
+        planes = [slot[2], slot[1], slot[0]]  # B, G, R
+        if any(a is not b for a, b in zip(cv2.split(img, planes), planes, strict=True)):
+            raise RuntimeError("cv2.split did not write into the planes")  # pragma: no cover
+
+    def _normalise(self, planes: np.ndarray, d: Draws, first: int, dst: np.ndarray) -> None:
+        """``(x - mean) * mult + bias`` in float32 (:func:`_tables`' arithmetic, the same
+        bits) of the uint8 RGB ``planes`` (``(m, 3, h, w)``) of batch positions
+        ``first..first + m``, into ``dst`` (their ``(m, 3, h, w)`` float32 rows).
+
+        Three ufunc calls for a task's images, not nine per image: each NumPy or OpenCV
+        call releases the GIL and takes it back, and with two threads those handovers
+        cost more than the arithmetic of a 112-px image (BENCHMARKS.md, issue 21)."""
+        m = len(planes)
+        np.subtract(planes, self._mean32, out=dst, dtype=np.float32)
+        np.multiply(dst, d.mult[first : first + m, :, None, None], out=dst)
+        np.add(dst, d.bias[first : first + m, :, None, None], out=dst)
 
     def _write_mean_image(self, img: np.ndarray, d: Draws, k: int, mirror: bool,
                           dst: np.ndarray, scratch: list[np.ndarray]) -> None:  # fmt: skip
@@ -449,10 +470,12 @@ class CPUBackend:
             np.copyto(out, value, casting="unsafe")
 
     def _sample(self, index: int, d: Draws, k: int, data: np.ndarray, labels: np.ndarray,
-                scratch: list[np.ndarray]) -> None:  # fmt: skip
+                scratch: list[np.ndarray], slot: np.ndarray | None = None) -> None:  # fmt: skip
         """Record ``index`` as image ``k`` of its batch, with that image's draws. A
         record read before comes from what its first read learned (:attr:`_table`: no
-        header parsed, nothing sniffed); it is learned once it passed every step."""
+        header parsed, nothing sniffed); it is learned once it passed every step. With
+        ``slot`` (the :attr:`_planar` layout) the image's RGB planes are left there for
+        the caller to :meth:`_normalise`; without, it is written to ``data[k]``."""
         table = self._table
         learned = bool(table.start[index])
         if learned:
@@ -471,7 +494,14 @@ class CPUBackend:
             raise self._error(index, str(exc)) from None
         img = self._geometry(img, geo, denom, scratch)
         img = self._colour(img, colour(self.spec, d, k), scratch)
-        self._write(img, d, k, data[k], scratch)
+        if slot is not None:
+            self._planes(img, bool(d.mirror[k]), slot, scratch)
+        elif self._planar:
+            one = scratch[7][:1]
+            self._planes(img, bool(d.mirror[k]), one[0], scratch)
+            self._normalise(one, d, k, data[k : k + 1])
+        else:
+            self._write(img, d, k, data[k], scratch)
         if not learned and info.width and info.height:
             table.learn(index, payload, (info.width, info.height), labels[k],
                         info.format == "jpeg")  # fmt: skip
@@ -481,14 +511,25 @@ class CPUBackend:
         """Several images of a batch, in order; the errors, by position in the batch."""
         errors = []
         scratch = self._scratch()
+        planes = scratch[7] if self._planar else None
+        run = 0  # with planes: the images since the last failure, not yet normalised
         try:
-            for k, index in items:
+            for j, (k, index) in enumerate(items):
                 try:
-                    self._sample(index, d, k, data, labels, scratch)
+                    self._sample(index, d, k, data, labels, scratch,
+                                 None if planes is None else planes[j])  # fmt: skip
+                    run += 1
                 except Exception as exc:
                     errors.append((k, exc))
+                    if planes is not None and run:  # the images before it, at once
+                        self._normalise(planes[j - run : j], d, k - run, data[k - run : k])
+                    run = 0
                     if stop_at_error:
                         break
+            else:
+                if planes is not None and run:
+                    j, k = len(items), items[-1][0] + 1
+                    self._normalise(planes[j - run : j], d, k - run, data[k - run : k])
         finally:
             self._local.decoded = None
         return errors
