@@ -747,13 +747,14 @@ def test_a_warped_image_smaller_than_its_resize_is_enlarged_before_the_warp(tmp_
         assert np.abs(g.astype(int) - w.astype(int)).max() <= 1, k
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("threads", "jitter"), [(1, False), (2, False), (2, True)])
 def test_float32_batches_are_the_uint8_pixels_normalised_around_bad_records(
-    tmp_path, threads
+    tmp_path, threads, jitter
 ) -> None:
-    """The float32 CHW batches (normalised many images at once, per task) hold, at every
+    """The float32 CHW batches (normalised a few images at once) hold, at every
     position, the uint8 batch's pixels put through ``(x - mean) * mult + bias`` in
-    float32, the bits MXNet's arithmetic gives; bad records at a task's first, middle
+    float32 with that position's draws, the bits MXNet's arithmetic gives (with the
+    normaliser's jitter, a bias; without, none); bad records at a task's first, middle
     and last images (tasks of 2 and 4 images) are replaced by the same stand-ins."""
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (20, 20, 3), np.uint8) for _ in range(24)]
@@ -771,14 +772,17 @@ def test_float32_batches_are_the_uint8_pixels_normalised_around_bad_records(
     with Pipeline(str(rec), 8, (3, 16, 16), dtype="uint8", **kw) as pipe:
         want = [(b.data.copy(), b.label.copy()) for b in pipe]
         want_skipped = pipe.skipped
-    with Pipeline(str(rec), 8, (3, 16, 16), mean=mean, std=std, **kw) as pipe:
+    more = dict(max_random_contrast=0.3, max_random_illumination=20) if jitter else {}
+    with Pipeline(str(rec), 8, (3, 16, 16), mean=mean, std=std, **kw, **more) as pipe:
         got = [(b.data.copy(), b.label.copy()) for b in pipe]
         assert pipe.skipped == want_skipped == len(bad)
+        plan = pipe.plan(0)
+        draws = [pipe.draws(plan, b, 8) for b in range(plan.batches)]
     m = np.array(mean, np.float32)[:, None, None]
-    mult = (1 / np.array(std)).astype(np.float32)[:, None, None]
-    for (pixels, labels), (data, got_labels) in zip(want, got, strict=True):
+    for (pixels, labels), (data, got_labels), d in zip(want, got, draws, strict=True):
         np.testing.assert_array_equal(got_labels, labels)
         assert data.dtype == np.float32
-        expected = (pixels.astype(np.float32) - m) * mult + np.float32(0)
-        np.testing.assert_array_equal(data, expected)
+        assert d.bias.any() == jitter
+        mult, bias = d.mult[:, :, None, None], d.bias[:, :, None, None]
+        np.testing.assert_array_equal(data, (pixels.astype(np.float32) - m) * mult + bias)
     assert len({int(v) for _, labels in want for v in labels} & bad) == 0

@@ -111,6 +111,10 @@ _REDUCED = {
     8: cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION,
 }
 _HLS_LIMITS = (180, 255, 255)  # MXNet clamps H, L and S to these (H is not wrapped)
+# Images normalised together (CPUBackend._normalise): few enough that their planes and
+# float32 rows stay in a core's L2 cache through the three passes (64 at once ran from
+# memory: 1.5x the time), many enough that the GIL changes hands rarely.
+_GROUP = 4
 
 
 def reduction(geo: Geometry, spec: AugmentSpec) -> int:
@@ -248,7 +252,7 @@ class CPUBackend:
             scratch += [np.empty((h, w), np.uint8) for _ in range(3)]
             scratch.append(np.empty((h, w), np.float32))
             if self._planar:
-                scratch.append(np.empty((self._chunk, 3, h, w), np.uint8))
+                scratch.append(np.empty((_GROUP, 3, h, w), np.uint8))
             self._local.scratch = scratch
         return scratch
 
@@ -443,13 +447,18 @@ class CPUBackend:
         bits) of the uint8 RGB ``planes`` (``(m, 3, h, w)``) of batch positions
         ``first..first + m``, into ``dst`` (their ``(m, 3, h, w)`` float32 rows).
 
-        Three ufunc calls for a task's images, not nine per image: each NumPy or OpenCV
-        call releases the GIL and takes it back, and with two threads those handovers
-        cost more than the arithmetic of a 112-px image (BENCHMARKS.md, issue 21)."""
+        Three ufunc calls for :data:`_GROUP` images, not nine per image: each NumPy or
+        OpenCV call releases the GIL and takes it back, and with two threads those
+        handovers cost more than the arithmetic of a 112-px image (BENCHMARKS.md, issue
+        21). Adding a bias of 0 is left out where every multiplier is positive: ``y + 0``
+        is ``y`` for every float but -0, which a positive multiplier never makes here
+        (``x - mean`` is +0 where ``x == mean``)."""
         m = len(planes)
+        mult, bias = d.mult[first : first + m], d.bias[first : first + m]
         np.subtract(planes, self._mean32, out=dst, dtype=np.float32)
-        np.multiply(dst, d.mult[first : first + m, :, None, None], out=dst)
-        np.add(dst, d.bias[first : first + m, :, None, None], out=dst)
+        np.multiply(dst, mult[:, :, None, None], out=dst)
+        if bias.any() or not (mult > 0).all():
+            np.add(dst, bias[:, :, None, None], out=dst)
 
     def _write_mean_image(self, img: np.ndarray, d: Draws, k: int, mirror: bool,
                           dst: np.ndarray, scratch: list[np.ndarray]) -> None:  # fmt: skip
@@ -470,19 +479,22 @@ class CPUBackend:
             np.copyto(out, value, casting="unsafe")
 
     def _sample(self, index: int, d: Draws, k: int, data: np.ndarray, labels: np.ndarray,
-                scratch: list[np.ndarray], slot: np.ndarray | None = None) -> None:  # fmt: skip
+                scratch: list[np.ndarray], slot: np.ndarray | None = None,
+                known: tuple | None = None) -> None:  # fmt: skip
         """Record ``index`` as image ``k`` of its batch, with that image's draws. A
         record read before comes from what its first read learned (:attr:`_table`: no
-        header parsed, nothing sniffed); it is learned once it passed every step. With
-        ``slot`` (the :attr:`_planar` layout) the image's RGB planes are left there for
-        the caller to :meth:`_normalise`; without, it is written to ``data[k]``."""
+        header parsed, nothing sniffed; ``known``: that already gathered, its image bytes
+        and :class:`ImageInfo`, the label already in ``labels[k]``); it is learned once it
+        passed every step. With ``slot`` (the :attr:`_planar` layout) the image's RGB
+        planes are left there for the caller to :meth:`_normalise`; without, it is
+        written to ``data[k]``."""
         table = self._table
-        learned = bool(table.start[index])
-        if learned:
-            payload = table.payload(index)
+        if known is None and table.start[index]:
+            known = self._known(np.array([index]))[0]
             labels[k] = table.label[index]
-            width, height = table.size[index].tolist()
-            info = ImageInfo("jpeg" if table.jpeg[index] else "other", width, height)
+        learned = known is not None
+        if learned:
+            payload, info = known
         else:
             header, payload = self._unpack(index)
             labels[k] = self._label(header, index)
@@ -506,30 +518,61 @@ class CPUBackend:
             table.learn(index, payload, (info.width, info.height), labels[k],
                         info.format == "jpeg")  # fmt: skip
 
+    def _known(self, indices: np.ndarray) -> list[tuple | None]:
+        """Per sample of ``indices``: its image bytes (a view of the map) and
+        :class:`ImageInfo` from :attr:`_table` when it is learned, else None; gathered
+        for all of them at once."""
+        table = self._table
+        rows = np.flatnonzero(table.known(indices))
+        known: list[tuple | None] = [None] * len(indices)
+        if len(rows):
+            learned = indices[rows]
+            sizes, jpeg = table.size[learned].tolist(), table.jpeg[learned].tolist()
+            for r, payload, (w, h), j in zip(rows.tolist(), table.payloads(learned), sizes, jpeg,
+                                              strict=True):  # fmt: skip
+                known[r] = payload, ImageInfo("jpeg" if j else "other", w, h)
+        return known
+
     def _task(self, items: list[tuple[int, int]], d: Draws, data: np.ndarray,
               labels: np.ndarray, stop_at_error: bool) -> list[tuple[int, Exception]]:  # fmt: skip
-        """Several images of a batch, in order; the errors, by position in the batch."""
+        """Several images of a batch (consecutive positions), in order; the errors, by
+        position in the batch. The learned records' bytes, sizes and labels are gathered
+        for all of them first (:meth:`_known`)."""
         errors = []
         scratch = self._scratch()
         planes = scratch[7] if self._planar else None
-        run = 0  # with planes: the images since the last failure, not yet normalised
+        pending = 0  # with planes: the last images, whose planes await _normalise
+        indices = np.array([index for _, index in items], np.int64)
+        known = self._known(indices)
+        first = items[0][0] if items else 0
+        rows = [r for r, x in enumerate(known) if x is not None]
+        if rows:
+            labels[first + np.array(rows)] = self._table.label[indices[rows]]
+
+        def normalise(end: int) -> None:  # the pending images, up to position end
+            self._normalise(planes[:pending], d, end - pending, data[end - pending : end])
+
         try:
             for j, (k, index) in enumerate(items):
                 try:
                     self._sample(index, d, k, data, labels, scratch,
-                                 None if planes is None else planes[j])  # fmt: skip
-                    run += 1
+                                 None if planes is None else planes[pending], known[j])  # fmt: skip
                 except Exception as exc:
                     errors.append((k, exc))
-                    if planes is not None and run:  # the images before it, at once
-                        self._normalise(planes[j - run : j], d, k - run, data[k - run : k])
-                    run = 0
+                    if pending:
+                        normalise(k)
+                        pending = 0
                     if stop_at_error:
                         break
+                    continue
+                if planes is not None:
+                    pending += 1
+                    if pending == _GROUP:
+                        normalise(k + 1)
+                        pending = 0
             else:
-                if planes is not None and run:
-                    j, k = len(items), items[-1][0] + 1
-                    self._normalise(planes[j - run : j], d, k - run, data[k - run : k])
+                if pending:
+                    normalise(items[-1][0] + 1)
         finally:
             self._local.decoded = None
         return errors
