@@ -12,13 +12,18 @@ draw the batch's random numbers, turn them into DALI's per-image parameters
 - ``r256``: photo-like JPEGs packed at shorter side 256, the ImageNet training
   transform (random-resized crop 224, mirror, normalise, CHW float32).
 
-Each epoch's batches are read and fed; DALI then runs them (not timed), so that the
-feed measures what ``feed_input`` costs into a pipeline that consumes its input. The
-first epoch (which learns every record's image size) and the later ones (sizes known)
-are reported apart; each figure is the minimum over ``--repeat`` epochs.
+Each epoch's batches are read back to back, as the backend's reader thread reads them
+when DALI's work lies elsewhere (on a GPU); then each is fed and DALI runs it (not
+timed), so that the feed measures what ``feed_input`` costs into a pipeline that
+consumes its input. ``--cold`` reads each batch just before it is fed, after DALI's CPU
+decoding of the one before on the same core (caches flushed: a pessimistic figure, the
+one on this machine's CPU-only pipelines). The first epoch (which learns every record's
+image size) and the later ones (sizes known) are reported apart; each figure is the
+minimum over ``--repeat`` epochs.
 
     .venv/bin/python benchmarks/bench_feed.py                 # both sets
     .venv/bin/python benchmarks/bench_feed.py --only face112 --profile 20
+    .venv/bin/python benchmarks/bench_feed.py --cold          # reads after DALI's decoding
 
 ``--profile N`` prints cProfile's top N functions of the reading for the later epochs.
 """
@@ -78,6 +83,19 @@ def datasets(work: Path, count: int) -> dict[str, tuple[Path, tuple, dict]]:
     }
 
 
+def feed_run(batch, fed, profile) -> float:
+    """Seconds to feed ``batch`` to ``fed``, which then runs it (untimed)."""
+    if profile is not None:
+        profile.enable()
+    t0 = time.perf_counter()
+    batch.feed(fed)
+    took = time.perf_counter() - t0
+    if profile is not None:
+        profile.disable()
+    fed.run()
+    return took
+
+
 def measure(rec: Path, shape: tuple, options: dict, a: argparse.Namespace) -> dict:
     import gpurec
 
@@ -90,21 +108,20 @@ def measure(rec: Path, shape: tuple, options: dict, a: argparse.Namespace) -> di
     for epoch in range(a.repeat + 1):
         plan = pipe.plan(epoch)
         read = feed = 0.0
-        images = 0
+        batches = []
         for b in range(plan.batches):
             if profile is not None and epoch:
                 profile.enable()
             t0 = time.perf_counter()
-            batch = backend._read(plan, b)
-            t1 = time.perf_counter()
-            batch.feed(fed)
-            t2 = time.perf_counter()
+            batches.append(backend._read(plan, b))
+            read += time.perf_counter() - t0
             if profile is not None:
                 profile.disable()
-            fed.run()
-            read += t1 - t0
-            feed += t2 - t1
-            images += len(batch.indices)
+            if a.cold:
+                feed += feed_run(batches.pop(), fed, profile if epoch else None)
+        for batch in batches:
+            feed += feed_run(batch, fed, profile if epoch else None)
+        images = plan.batches * a.batch_size
         epochs.append((read / images * 1e6, feed / images * 1e6))
     pipe.close()
     later = epochs[1:]
@@ -130,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="later epochs (min taken)")
     p.add_argument("--only", default="face112,r256")
     p.add_argument("--profile", type=int, default=0, metavar="N")
+    p.add_argument("--cold", action="store_true", help="read each batch after DALI's decoding")
     a = p.parse_args(argv)
     sets = datasets(a.workdir, a.images)
     head = f"{'set':8} {'first epoch':>12} {'read':>8} {'feed':>8} {'total':>8}"
-    print(head + "  (us/image, 1 thread)")
+    print(head + f"  (us/image, 1 thread{', reads cold' if a.cold else ''})")
     for name in a.only.split(","):
         rec, shape, options = sets[name]
         r = measure(rec, shape, options, a)

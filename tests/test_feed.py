@@ -298,3 +298,49 @@ def test_opencv_float32_planes_are_the_tables_lookup(tmp_path: Path) -> None:
             tables = _tables(spec, d.mult[k], d.bias[k])
             want = np.stack([tables[c][u[k, c]] for c in range(3)])
             assert f[k].tobytes() == want.tobytes()
+
+
+def test_images_are_cut_from_their_shard_past_4_gib() -> None:
+    """The fed graph takes each image as the buffer it lies in (a shard's map) and where:
+    offsets past 2**32 and lengths cut out the same bytes, and the same pixels, as the
+    images fed one array each (dali_graph.WHERE's two float32 columns a number)."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.backend import TensorCPU, TensorListCPU
+
+    from gpurec.augment import AugmentSpec
+    from gpurec.backends import dali_graph
+    from gpurec.draws import draw
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 255, (40 + 9 * k, 50 - 3 * k, 3), np.uint8) for k in range(4)]
+    jpegs = [cv2.imencode(".jpg", im)[1].reshape(-1) for im in images]
+    shard = np.zeros(5 * 2**30 + 12345, np.uint8)  # calloc: pages only where written
+    offsets = np.array([8, 2**31 - 3, 2**32 + 65535, len(shard) - len(jpegs[3])], np.int64)
+    for at, jpeg in zip(offsets.tolist(), jpegs, strict=True):
+        shard[at : at + len(jpeg)] = jpeg
+    lengths = np.array([len(j) for j in jpegs], np.int64)
+    spec = AugmentSpec(data_shape=(3, 32, 32), crop="center", rand_mirror=True)
+    sizes = np.array([(im.shape[1], im.shape[0]) for im in images])
+    params = dali_graph.parameters(spec, draw(spec, (1, 2), 4), sizes, exact_crops=True)
+    names = dali_graph.inputs(spec, exact_crops=True)
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, enable_conditionals=True)
+    def fed():
+        return dali_graph.graph(fn, types, spec, device="cpu", exact_crops=True, packed=True)
+
+    outs = []
+    for buffers, at in ((TensorListCPU.broadcast(TensorCPU(shard), 4), offsets),
+                        (TensorListCPU([TensorCPU(j) for j in jpegs], contiguous=False),
+                         np.zeros(4, np.int64))):  # fmt: skip
+        pipe = fed()
+        pipe.build()
+        pipe.feed_input(dali_graph.INPUT, buffers)
+        pipe.feed_input(dali_graph.PACKED, dali_graph.pack(params, names, 4, at, lengths))
+        outs.append(pipe.run()[0].as_array())
+    del pipe, buffers
+    assert outs[0].std() > 10  # pixels, not the zeros around the images
+    np.testing.assert_array_equal(outs[0], outs[1])
+    where = dali_graph.pack(params, names, 4, offsets, lengths)[:, : dali_graph.WHERE]
+    np.testing.assert_array_equal(where[:, 0].astype(np.int64) * 65536 + where[:, 1], offsets)
+    with pytest.raises(ValueError, match="terabyte"):
+        dali_graph.pack(params, names, 4, offsets + 2**40, lengths)

@@ -13,9 +13,12 @@ backends apply the same windows, matrices and factors to the same records.
 Records come from gpurec, not from a DALI reader: the order (:mod:`gpurec.order`) and
 the bytes (:class:`gpurec.dataset.Dataset`) are the ones the CPU backend uses, so both
 backends hand out the same records in the same order. The encoded images of a batch go
-in through ``fn.external_source`` (``feed_input`` of one TensorList wrapping a view of
-the memory map per record, no copy), the parameters through one more (one float32 row
-per image, :func:`gpurec.backends.dali_graph.pack`); the labels never enter DALI: they
+in through ``fn.external_source`` as the buffer each lies in: a batch from one shard is
+that shard's whole memory map broadcast (one DALI tensor wrapping it, no copy and no
+Python per image; DALI's TensorList of a view per record cost ~4 us an image), and
+where each image lies (offset, length) leads the parameters, fed through one more input
+(one float32 row per image, :func:`gpurec.backends.dali_graph.pack`); the graph cuts the
+images out (``fn.slice``) before decoding. The labels never enter DALI: they
 travel beside the batch in a queue. A record read once is read again from what that
 read learned (:class:`gpurec.backends.records.RecordTable`: where its image lies in the
 map, its size, its label), a whole batch at once. A GIF record, or one
@@ -143,14 +146,23 @@ def _dali_reason(exc: BaseException) -> str:
 @dataclass
 class _Batch:
     """A batch read by gpurec and ready to feed: its place in the stream, the sample fed
-    at each position (bad ones replaced), the encoded images, labels, and what to tell
-    the caller when it is handed out."""
+    at each position (bad ones replaced), where its encoded images lie, labels, and what
+    to tell the caller when it is handed out.
+
+    The images are not cut out here: position ``k``'s lies in ``buffers[source[k]]`` (a
+    shard's memory map, or an array of its own: a record in parts, a converted image) at
+    ``offsets[k]`` for ``lengths[k]`` bytes, and DALI cuts it out (dali_graph.WHERE). A
+    batch from one shard is one buffer broadcast: no Python per image."""
 
     key: tuple
     epoch: int
     batch: int
     indices: list[int]
-    payloads: list[np.ndarray]
+    buffers: list[np.ndarray]
+    tensors: list  # the same as DALI tensors (wrapping them in place)
+    source: np.ndarray | None  # the buffer of each position (None: all in buffers[0])
+    offsets: np.ndarray
+    lengths: np.ndarray
     labels: np.ndarray
     real: int
     params: dict[str, np.ndarray]  # the graph's parameter inputs (see parameters())
@@ -158,14 +170,29 @@ class _Batch:
     skipped: int = 0
     error: Exception | None = None  # raised when this batch is reached (on_error="raise")
 
+    def buffer(self, k: int) -> np.ndarray:
+        """The buffer position ``k``'s image lies in."""
+        return self.buffers[0 if self.source is None else int(self.source[k])]
+
+    @property
+    def payloads(self) -> list[np.ndarray]:
+        """The encoded image of each position (views: no copy)."""
+        spans = zip(self.offsets.tolist(), (self.offsets + self.lengths).tolist(), strict=True)
+        return [self.buffer(k)[a:e] for k, (a, e) in enumerate(spans)]
+
     def feed(self, pipeline, positions: slice = slice(None)) -> None:
-        """Feed the encoded images and the parameters of ``positions`` to ``pipeline``."""
+        """Feed the images and the parameters of ``positions`` to ``pipeline``."""
         from nvidia.dali.backend import TensorListCPU
 
-        # One TensorList wrapping the arrays in place (no copy): DALI's feed_input
-        # checks and wraps a Python list's arrays one by one, ~1-2 us each.
-        pipeline.feed_input(INPUT, TensorListCPU(self.payloads[positions], contiguous=False))
-        pipeline.feed_input(PACKED, self.packed[positions])
+        packed = self.packed[positions]
+        if self.source is None:
+            images = TensorListCPU.broadcast(self.tensors[0], len(packed))
+        else:  # DALI wraps each tensor of a list (~1.4 us), the same one too
+            tensors = self.tensors
+            images = TensorListCPU([tensors[s] for s in self.source[positions].tolist()],
+                                   contiguous=False)  # fmt: skip
+        pipeline.feed_input(INPUT, images)
+        pipeline.feed_input(PACKED, packed)
 
 
 class DALIBackend:
@@ -186,6 +213,7 @@ class DALIBackend:
             self._device_id = cupy.cuda.Device().id
         self._bad: dict[int, str] = {}  # sample -> why it cannot be decoded
         self._table = RecordTable(self.dataset, pipe.label_width)  # records read before
+        self._shard_tensors: dict[int, tuple] = {}  # shard -> (its map, a DALI tensor of it)
         self._by_size: dict = {}  # geometric parameters by image size (dali_graph.parameters)
         self._names = inputs(pipe.spec, exact_crops=True)  # the graph's parameters, in order
         # Fed to DALI when a batch has no good record at all: it is never handed out.
@@ -303,10 +331,23 @@ class DALIBackend:
             self._table.learn(index, payloads[k], sizes[k], labels[k])
         return None
 
+    def _shard_tensor(self, shard: int):
+        """Shard ``shard``'s memory map and a DALI tensor wrapping it in place (made once)."""
+        pair = self._shard_tensors.get(shard)
+        if pair is None:
+            from nvidia.dali.backend import TensorCPU
+
+            buf = self._table.shard_bytes(shard)
+            pair = self._shard_tensors[shard] = (buf, TensorCPU(buf))
+        return pair
+
     def _read(self, plan: Plan, b: int) -> _Batch:
         """Read, unpack and check batch ``b`` of ``plan`` (in the reader thread). Records
         read before come from :attr:`_table` for the whole batch at once (what their
-        checks found); the others are read and checked one by one, and learned."""
+        checks found, and where their images lie in the maps); the others are read and
+        checked one by one, and learned."""
+        from nvidia.dali.backend import TensorCPU
+
         pipe, table = self.pipe, self._table
         batch = plan.batch(b)
         indices = batch.tolist()
@@ -314,46 +355,77 @@ class DALIBackend:
         labels = np.empty((n, pipe.label_width), np.float32)
         sizes = np.empty((n, 2), np.int64)  # decoded width, height: the geometry needs them
         failed: list[tuple[int, Exception]] = []
-        known = table.known(batch)
+        offsets = table.start[batch]  # once: the main thread may forget a record meanwhile
+        lengths = table.length[batch].astype(np.int64)
+        known = offsets != 0
+        buffers: list[np.ndarray] = []
+        tensors: list = []
+        source: np.ndarray | None = None
+        shards = table.shards(batch)
         if known.all():
-            payloads: list[np.ndarray | None] = table.payloads(batch)
             labels[:] = table.label[batch]
             sizes[:] = table.size[batch]
+            first = int(shards[0])
+            if (shards == first).all():  # one shard's map, broadcast
+                buf, tensor = self._shard_tensor(first)
+                buffers, tensors = [buf], [tensor]
+            else:
+                distinct, source = np.unique(shards, return_inverse=True)
+                for shard in distinct.tolist():
+                    buf, tensor = self._shard_tensor(shard)
+                    buffers.append(buf)
+                    tensors.append(tensor)
         else:
-            payloads = [None] * n
+            source = np.empty(n, np.intp)
+            payloads: list[np.ndarray | None] = [None] * n
             if known.any():
                 where = np.flatnonzero(known)
-                for k, payload in zip(where.tolist(), table.payloads(batch[where]), strict=True):
-                    payloads[k] = payload
                 labels[where] = table.label[batch[where]]
                 sizes[where] = table.size[batch[where]]
+                distinct, inverse = np.unique(shards[where], return_inverse=True)
+                source[where] = inverse
+                for shard in distinct.tolist():
+                    buf, tensor = self._shard_tensor(shard)
+                    buffers.append(buf)
+                    tensors.append(tensor)
             for k in np.flatnonzero(~known).tolist():
                 error = self._read_one(indices[k], k, payloads, labels, sizes)
                 if error is not None:
                     failed.append((k, error))
+                    continue
+                source[k], offsets[k], lengths[k] = len(buffers), 0, len(payloads[k])
+                buffers.append(payloads[k])
+                tensors.append(TensorCPU(payloads[k]))
         draws = pipe.draws(plan, b, n)
         if not failed:
             params = parameters(pipe.spec, draws, sizes, True, self._by_size)
-            return _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b],
-                          params, pack(params, self._names, n))  # fmt: skip
+            return _Batch((plan.key, b), plan.epoch, b, indices, buffers, tensors, source,
+                          offsets, lengths, labels, plan.real[b], params,
+                          pack(params, self._names, n, offsets, lengths))  # fmt: skip
         # As the CPU backend does: the k-th bad position gets the k-th good record (cyclic);
         # a batch with none gets the nearest earlier good record of the rank's plan.
-        good = [k for k in range(n) if payloads[k] is not None]
+        bad = {k for k, _ in failed}
+        good = [k for k in range(n) if k not in bad]
         stand_in = None
         if not good and pipe.on_error == "skip":
             stand_in = self._stand_in(plan, b, set(indices))
         for j, (k, _) in enumerate(failed):
             if good:  # the position keeps its own draws, applied to the image it now holds
                 src = good[j % len(good)]
-                payloads[k], labels[k], indices[k] = payloads[src], labels[src], indices[src]
-                sizes[k] = sizes[src]
-            elif stand_in is not None:
-                indices[k], payloads[k], labels[k], sizes[k] = stand_in
+                source[k], offsets[k], lengths[k] = source[src], offsets[src], lengths[src]
+                labels[k], indices[k], sizes[k] = labels[src], indices[src], sizes[src]
+                continue
+            if stand_in is not None:
+                indices[k], image, labels[k], sizes[k] = stand_in
             else:
-                payloads[k], sizes[k] = self._filler, (8, 8)
+                image, sizes[k] = self._filler, (8, 8)
+            source[k], offsets[k], lengths[k] = len(buffers), 0, len(image)
+            buffers.append(image)
+            tensors.append(TensorCPU(image))
         params = parameters(pipe.spec, draws, sizes, True, self._by_size)
-        out = _Batch((plan.key, b), plan.epoch, b, indices, payloads, labels, plan.real[b], params,
-                     pack(params, self._names, n))  # fmt: skip
+        out = _Batch((plan.key, b), plan.epoch, b, indices, buffers, tensors, source, offsets,
+                     lengths, labels, plan.real[b], params,
+                     pack(params, self._names, n, offsets, lengths))  # fmt: skip
         if pipe.on_error == "raise":
             out.error = failed[0][1]
         elif not good and stand_in is None:
@@ -453,8 +525,8 @@ class DALIBackend:
         found: dict[int, str] = {}
         tried: set[int] = set()
         probe = None
-        for k, (index, payload) in enumerate(zip(batch.indices, batch.payloads, strict=True)):
-            if index in tried or payload is self._filler:
+        for k, index in enumerate(batch.indices):
+            if index in tried or batch.buffer(k) is self._filler:
                 continue
             tried.add(index)
             if probe is None:
@@ -535,4 +607,5 @@ class DALIBackend:
         self._drain()
         self._done.clear()
         self._handed.clear()
+        self._shard_tensors.clear()
         self._table.close()

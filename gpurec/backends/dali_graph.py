@@ -24,7 +24,7 @@ from gpurec.backends.common import size_only as _size_only
 from gpurec.backends.common import staged as _staged
 from gpurec.draws import INTERP_CODES, LUMA, Draws, Geometry, geometry, jitter_matrices
 
-__all__ = ["INPUT", "PACKED", "DecoderSettings", "graph", "inputs", "pack", "parameters"]
+__all__ = ["INPUT", "PACKED", "WHERE", "DecoderSettings", "graph", "inputs", "pack", "parameters"]
 
 INPUT = "encoded"  # the external_source the encoded images are fed to
 # The per-sample parameters gpurec computes from its draws (gpurec.draws) and feeds beside
@@ -54,6 +54,14 @@ RESAMPLE = "resample"
 # With packed=True (graph, pack): every parameter of an image in one float32 row, fed as
 # one input (each external_source fed costs tens of microseconds a batch in DALI)
 PACKED = "params"
+# With packed=True and the images fed by gpurec, INPUT gets for each image a buffer the
+# image lies in, not the image: a shard's whole memory map, the same for every image from
+# it (one DALI tensor broadcast over the batch, no Python per image), and the first WHERE
+# columns of PACKED say where: the offset and the length of the image's bytes, each as
+# 65536 * hi + lo (float32 is exact to 2**24: two columns reach a terabyte). The graph
+# cuts each image out of its buffer (fn.slice) before decoding.
+WHERE = 4
+_SPLIT = 65536
 _INTEGRAL = (SLICE_START, SLICE_SHAPE, RESIZE_INTERP, INTERP, MIRROR)  # int32 in DALI
 _SHAPES = {MIRROR: (), RESIZE_INTERP: (), INTERP: (), RESAMPLE: (), WARP: (2, 3),
            COLOUR: (3, 3)}  # fmt: skip
@@ -442,22 +450,46 @@ def _shape(spec: AugmentSpec, name: str) -> tuple[int, ...]:
     return _SHAPES.get(name, (3,) if name in (GRAY, HSL, PCA, MEAN, STD) else (2,))
 
 
-def pack(params: dict[str, np.ndarray], names: tuple[str, ...], n: int) -> np.ndarray:
+def pack(
+    params: dict[str, np.ndarray],
+    names: tuple[str, ...],
+    n: int,
+    offsets: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
+) -> np.ndarray:
     """:func:`parameters`' arrays for ``n`` images as one float32 ``(n, K)`` array, in the
     order of ``names`` (:func:`inputs`): the input of a ``packed`` graph. Every integer
-    fed is a pixel count, a code or a flag: exact in float32."""
+    fed is a pixel count, a code or a flag: exact in float32. With ``offsets`` and
+    ``lengths`` (where each image lies in the buffer fed for it): those first, in the
+    :data:`WHERE` columns the graph fed by gpurec reads."""
     if set(params) != set(names):
         raise ValueError(f"parameters {sorted(params)} are not the graph's {sorted(names)}")
-    if not names:
+    parts = [np.asarray(params[k], np.float32).reshape(n, -1) for k in names]
+    if offsets is not None:
+        if max(int(offsets.max(initial=0)), int(lengths.max(initial=0))) >= _SPLIT * 2**24:
+            raise ValueError("an image lies beyond the first terabyte of its shard")
+        where = np.empty((n, WHERE), np.float32)
+        where[:, 0], where[:, 1] = np.divmod(offsets, _SPLIT)
+        where[:, 2], where[:, 3] = np.divmod(lengths, _SPLIT)
+        parts.insert(0, where)
+    if not parts:
         return np.zeros((n, 0), np.float32)
-    return np.concatenate([np.asarray(params[k], np.float32).reshape(n, -1) for k in names],
-                          axis=1)  # fmt: skip
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
-def _unpacked(fn, types, spec: AugmentSpec, names: tuple[str, ...]) -> dict:
-    """The parameter nodes of a ``packed`` graph: slices of the one input :data:`PACKED`."""
+def _cut(fn, types, buffers, flat):
+    """Each image's bytes cut out of the buffer fed for it, where :data:`WHERE` says."""
+    where = fn.cast(flat[0:WHERE], dtype=types.INT64)
+    start = where[0:1] * _SPLIT + where[1:2]
+    length = where[2:3] * _SPLIT + where[3:4]
+    return fn.slice(buffers, start, length, axes=[0])
+
+
+def _unpacked(fn, types, spec: AugmentSpec, names: tuple[str, ...], at: int = 0) -> tuple:
+    """The parameter nodes of a ``packed`` graph: slices of the one input :data:`PACKED`
+    (from column ``at``)."""
     flat = fn.external_source(name=PACKED, dtype=types.FLOAT, ndim=1)
-    params, at = {}, 0
+    params = {}
     for name in names:
         shape = _shape(spec, name)
         size = int(np.prod(shape))
@@ -470,7 +502,7 @@ def _unpacked(fn, types, spec: AugmentSpec, names: tuple[str, ...]) -> dict:
             node = fn.cast(node, dtype=types.BOOL)
         params[name] = node
         at += size
-    return params
+    return params, flat
 
 
 def _where(needed, images, step):
@@ -516,12 +548,14 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
     images are decoded as that window and not resampled (:data:`RESAMPLE`); resampling
     them at scale 1 gives the same pixels, at more than a 112-px decode's cost.
     ``settings``: the decoders' settings (default: DALI's). ``packed``: the parameters
-    come in as one input (:data:`PACKED`, fed :func:`pack`'s array), not one each.
+    come in as one input (:data:`PACKED`, fed :func:`pack`'s array), not one each; fed
+    by gpurec (no ``jpegs``), the images then come as buffers they lie in (:data:`WHERE`).
     """
     decoder = "mixed" if device == "gpu" else "cpu"  # the only device string
     names = inputs(spec, exact_crops)
+    flat = None
     if params is None and packed:
-        params = _unpacked(fn, types, spec, names)
+        params, flat = _unpacked(fn, types, spec, names, WHERE if jpegs is None else 0)
     if params is None:
         params = {}
         for name in names:
@@ -535,6 +569,8 @@ def graph(fn, types, spec: AugmentSpec, *, device: str, jpegs=None, params=None,
     if jpegs is None:
         # no_copy: DALI reads gpurec's arrays in place (the backend keeps them alive)
         jpegs = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
+        if flat is not None:
+            jpegs = _cut(fn, types, jpegs, flat)
     h, w = spec.height, spec.width
     antialias = _antialias(spec)
     decoding = (settings or DecoderSettings()).arguments()

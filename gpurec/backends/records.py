@@ -44,9 +44,9 @@ class RecordTable:
         self._maps: list[np.ndarray | None] = [None] * len(dataset.shards)
         self._single = len(dataset.shards) == 1
 
-    def _map(self, shard: int) -> np.ndarray | None:
-        """The bytes of shard ``shard``'s memory map, or None (a shard still being
-        fetched, an empty file)."""
+    def shard_bytes(self, shard: int) -> np.ndarray | None:
+        """The bytes of shard ``shard``'s memory map (which :attr:`start` indexes), or
+        None (a shard still being fetched, an empty file)."""
         buf = self._maps[shard]
         if buf is None:
             view = self.dataset.shards[shard].reader.mapped()  # a fetched shard: once here
@@ -63,7 +63,7 @@ class RecordTable:
         if not (0 < width < 65536 and 0 < height < 65536):
             return
         shard, pos = self.dataset.locate(index)
-        buf = self._map(shard)
+        buf = self.shard_bytes(shard)
         if buf is None:
             return
         offset = int(self.dataset.shards[shard].offsets[pos])
@@ -85,6 +85,12 @@ class RecordTable:
         """Which of ``indices`` are learned (bool per position)."""
         return self.start[indices] != 0
 
+    def shards(self, indices: np.ndarray) -> np.ndarray:
+        """The shard each of ``indices`` lies in."""
+        if self._single:
+            return np.zeros(len(indices), np.intp)
+        return np.searchsorted(self.dataset.starts, indices, side="right") - 1
+
     def payload(self, index: int) -> np.ndarray:
         """The image bytes of learned sample ``index``: a view of the map."""
         start = int(self.start[index])
@@ -99,9 +105,9 @@ class RecordTable:
         end = (start + self.length[indices]).tolist()
         start = start.tolist()
         if self._single:
-            buf = self._map(0)
+            buf = self.shard_bytes(0)
             return [buf[a:b] for a, b in zip(start, end, strict=True)]
-        shards = (np.searchsorted(self.dataset.starts, indices, side="right") - 1).tolist()
+        shards = self.shards(indices).tolist()
         maps = self._maps
         return [maps[s][a:b] for s, a, b in zip(shards, start, end, strict=True)]
 
