@@ -331,15 +331,17 @@ class DALIBackend:
             self._table.learn(index, payloads[k], sizes[k], labels[k])
         return None
 
-    def _shard_tensor(self, shard: int):
-        """Shard ``shard``'s memory map and a DALI tensor wrapping it in place (made once)."""
-        pair = self._shard_tensors.get(shard)
-        if pair is None:
-            from nvidia.dali.backend import TensorCPU
+    def _shard_tensors_of(self, shards: list[int]) -> tuple[list, list]:
+        """The memory maps of ``shards`` and DALI tensors wrapping them in place (each
+        made once)."""
+        from nvidia.dali.backend import TensorCPU
 
-            buf = self._table.shard_bytes(shard)
-            pair = self._shard_tensors[shard] = (buf, TensorCPU(buf))
-        return pair
+        for shard in shards:
+            if shard not in self._shard_tensors:
+                buf = self._table.shard_bytes(shard)
+                self._shard_tensors[shard] = (buf, TensorCPU(buf))
+        pairs = [self._shard_tensors[shard] for shard in shards]
+        return [buf for buf, _ in pairs], [tensor for _, tensor in pairs]
 
     def _read(self, plan: Plan, b: int) -> _Batch:
         """Read, unpack and check batch ``b`` of ``plan`` (in the reader thread). Records
@@ -365,16 +367,11 @@ class DALIBackend:
         if known.all():
             labels[:] = table.label[batch]
             sizes[:] = table.size[batch]
-            first = int(shards[0])
-            if (shards == first).all():  # one shard's map, broadcast
-                buf, tensor = self._shard_tensor(first)
-                buffers, tensors = [buf], [tensor]
+            if (shards == shards[0]).all():  # one shard's map, broadcast
+                buffers, tensors = self._shard_tensors_of([int(shards[0])])
             else:
                 distinct, source = np.unique(shards, return_inverse=True)
-                for shard in distinct.tolist():
-                    buf, tensor = self._shard_tensor(shard)
-                    buffers.append(buf)
-                    tensors.append(tensor)
+                buffers, tensors = self._shard_tensors_of(distinct.tolist())
         else:
             source = np.empty(n, np.intp)
             payloads: list[np.ndarray | None] = [None] * n
@@ -382,12 +379,8 @@ class DALIBackend:
                 where = np.flatnonzero(known)
                 labels[where] = table.label[batch[where]]
                 sizes[where] = table.size[batch[where]]
-                distinct, inverse = np.unique(shards[where], return_inverse=True)
-                source[where] = inverse
-                for shard in distinct.tolist():
-                    buf, tensor = self._shard_tensor(shard)
-                    buffers.append(buf)
-                    tensors.append(tensor)
+                distinct, source[where] = np.unique(shards[where], return_inverse=True)
+                buffers, tensors = self._shard_tensors_of(distinct.tolist())
             for k in np.flatnonzero(~known).tolist():
                 error = self._read_one(indices[k], k, payloads, labels, sizes)
                 if error is not None:

@@ -91,14 +91,6 @@ class RecordTable:
             return np.zeros(len(indices), np.intp)
         return np.searchsorted(self.dataset.starts, indices, side="right") - 1
 
-    def payload(self, index: int) -> np.ndarray:
-        """The image bytes of learned sample ``index``: a view of the map."""
-        start = int(self.start[index])
-        end = start + int(self.length[index])
-        if self._single:
-            return self._maps[0][start:end]
-        return self._maps[self.dataset.locate(index)[0]][start:end]
-
     def payloads(self, indices: np.ndarray) -> list[np.ndarray]:
         """The image bytes of learned samples ``indices``: views of the maps, no copy."""
         start = self.start[indices]
